@@ -1,0 +1,314 @@
+"""Configuration: ``twistd anonticket`` options and ``ANONTICKET_*`` variables → one frozen Config.
+
+Every option has one name used everywhere: ``--min-confirmations`` is read from
+``ANONTICKET_MIN_CONFIRMATIONS`` and documented under that name.  The command line wins over the
+environment; values are trimmed and an empty value counts as unset.  Parsing never raises anything
+but :class:`ConfigError`, whose message names the option, so start-up can fail with one line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, TypeVar
+from urllib.parse import urlsplit
+
+from twisted.python import usage
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A bad or missing configuration value; the message names the option."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: str | None
+    help: str
+    flag: bool = False
+    shown_default: str | None = None
+
+    @property
+    def env(self) -> str:
+        return "ANONTICKET_" + self.name.upper().replace("-", "_")
+
+
+SETTINGS: Final[tuple[Setting, ...]] = (
+    Setting("data-dir", "./anonticket-data", "directory (created 0700) for the database and keys"),
+    Setting(
+        "database",
+        None,
+        "sqlite:///PATH or postgresql://...",
+        shown_default="sqlite:///<data-dir>/anonticket.sqlite3",
+    ),
+    Setting("public", "onion:80", "endpoint of the public site: onion:PORT, tcp:..., unix:..."),
+    Setting(
+        "internal",
+        "tcp:9180:interface=127.0.0.1",
+        "endpoint of the internal site (metrics, revoke): loopback tcp or unix only",
+    ),
+    Setting(
+        "tor-control",
+        None,
+        "control endpoint of a running tor (unix:/run/tor/control, tcp:127.0.0.1:9051)",
+        shown_default="unset: launch a private tor",
+    ),
+    Setting("wallet-rpc", "http://127.0.0.1:18083", "monero-wallet-rpc base URL"),
+    Setting(
+        "wallet-rpc-login",
+        None,
+        "user:password for the wallet's --rpc-login (HTTP Digest)",
+        shown_default="unset: no authentication",
+    ),
+    Setting("min-confirmations", "10", "confirmations before a payment is redeemable"),
+    Setting("min-amount", "10000000000", "smallest redeemable transfer, atomic units"),
+    Setting("start-height", "0", "first block height to scan when no cursor is stored"),
+    Setting("poll-interval", "5", "seconds between wallet polls"),
+    Setting("no-monitor", None, "serve without polling the wallet (a second API node)", True),
+)
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+def _clean(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+def resolve(
+    command_line: Mapping[str, object], environ: Mapping[str, str]
+) -> dict[str, str | bool | None]:
+    """Merge command-line values (already without defaults) over env values over defaults."""
+    merged: dict[str, str | bool | None] = {}
+    for s in SETTINGS:
+        given = command_line.get(s.name)
+        if s.flag:
+            if given:
+                merged[s.name] = True
+                continue
+            env = _clean(environ.get(s.env))
+            if env is None:
+                merged[s.name] = False
+            elif env.lower() in _TRUE:
+                merged[s.name] = True
+            elif env.lower() in _FALSE:
+                merged[s.name] = False
+            else:
+                raise ConfigError(f"{s.env}: expected 1/true/yes/on or 0/false/no/off, got {env!r}")
+            continue
+        value = _clean(given if isinstance(given, str) else None)
+        if value is None:
+            value = _clean(environ.get(s.env))
+        if value is None:
+            value = s.default
+        merged[s.name] = value
+    return merged
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path
+    database: str
+    public: str
+    internal: str
+    tor_control: str | None
+    wallet_rpc: str
+    wallet_rpc_login: tuple[str, str] | None
+    min_confirmations: int
+    min_amount: int
+    start_height: int
+    poll_interval: float
+    monitor: bool
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file, or None for another database."""
+        if self.database.startswith("sqlite:///"):
+            return Path(self.database[len("sqlite:///") :])
+        return None
+
+
+def _int(name: str, value: str | None, minimum: int, maximum: int = 2**63 - 1) -> int:
+    assert value is not None
+    try:
+        number = int(value, 10)
+    except ValueError:
+        raise ConfigError(f"--{name}: expected a whole number, got {value!r}") from None
+    if not minimum <= number <= maximum:
+        raise ConfigError(f"--{name}: must be between {minimum} and {maximum}, got {number}")
+    return number
+
+
+def _database(value: str | None, data_dir: Path) -> str:
+    if value is None:
+        return f"sqlite:///{data_dir / 'anonticket.sqlite3'}"
+    if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+        return value
+    if value.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("--database: PostgreSQL is not supported by this version yet")
+    raise ConfigError(f"--database: expected sqlite:///PATH or postgresql://..., got {value!r}")
+
+
+def _wallet_url(value: str | None) -> str:
+    assert value is not None
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"--wallet-rpc: not a valid URL: {value!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"--wallet-rpc: expected http://HOST:PORT, got {value!r}")
+    if parts.username or parts.password:
+        raise ConfigError("--wallet-rpc: put credentials in --wallet-rpc-login, not in the URL")
+    return value.rstrip("/").removesuffix("/json_rpc")
+
+
+def _login(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError("--wallet-rpc-login: expected user:password")
+    return user, password
+
+
+def _poll_interval(value: str | None) -> float:
+    try:
+        seconds = float(value or "")
+    except ValueError:
+        raise ConfigError(f"--poll-interval: expected seconds, got {value!r}") from None
+    if not 0.1 <= seconds <= 3600:
+        raise ConfigError(f"--poll-interval: must be between 0.1 and 3600 seconds, got {value}")
+    return seconds
+
+
+def from_options(options: Mapping[str, object], environ: Mapping[str, str] | None = None) -> Config:
+    """Build the Config from parsed Options (command line) and the environment.
+
+    Every bad value is reported, in one line, so an operator fixes them all in one go.
+    """
+    v = resolve(options, os.environ if environ is None else environ)
+    errors: list[str] = []
+
+    def parse(name: str, parser: Callable[[str | None], T]) -> T:
+        value = v[name]
+        assert value is None or isinstance(value, str)
+        try:
+            return parser(value)
+        except ConfigError as e:
+            errors.append(str(e))
+            return None  # type: ignore[return-value]  # never used: errors is not empty
+
+    data_dir = Path(parse("data-dir", lambda x: x or "."))
+    config = Config(
+        data_dir=data_dir,
+        database=parse("database", lambda x: _database(x, data_dir)),
+        public=parse("public", lambda x: check_public_endpoint(x or "")),
+        internal=parse("internal", lambda x: check_internal_endpoint(x or "")),
+        tor_control=parse("tor-control", lambda x: x),
+        wallet_rpc=parse("wallet-rpc", _wallet_url),
+        wallet_rpc_login=parse("wallet-rpc-login", _login),
+        min_confirmations=parse(
+            "min-confirmations", lambda x: _int("min-confirmations", x, 1, 1_000_000)
+        ),
+        min_amount=parse("min-amount", lambda x: _int("min-amount", x, 1)),
+        start_height=parse("start-height", lambda x: _int("start-height", x, 0, 2**40)),
+        poll_interval=parse("poll-interval", _poll_interval),
+        monitor=not v["no-monitor"],
+    )
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return config
+
+
+def _endpoint_kind(name: str, description: str) -> str:
+    kind = description.split(":", 1)[0].lower()
+    if not description or ":" not in description:
+        raise ConfigError(f"--{name}: expected an endpoint such as tcp:PORT or unix:PATH")
+    return kind
+
+
+def check_public_endpoint(description: str) -> str:
+    kind = _endpoint_kind("public", description)
+    if kind == "onion":
+        raise ConfigError(
+            "--public: onion endpoints are not available in this version yet; "
+            "use tcp:PORT:interface=127.0.0.1 behind your own tor's HiddenServicePort"
+        )
+    if kind not in ("tcp", "tcp6", "unix"):
+        raise ConfigError(
+            f"--public: unsupported endpoint type {kind!r} (use tcp:, tcp6: or unix:)"
+        )
+    return description
+
+
+def check_internal_endpoint(description: str) -> str:
+    """The internal site (metrics, revocation) must never be reachable from another host."""
+    kind = _endpoint_kind("internal", description)
+    if kind == "unix":
+        return description
+    if kind not in ("tcp", "tcp6"):
+        raise ConfigError(
+            f"--internal: must be a loopback tcp: endpoint or a unix: socket, got {kind!r}"
+        )
+    interface = _endpoint_argument(description, "interface")
+    if interface is None:
+        raise ConfigError(
+            "--internal: tcp endpoints listen on every interface unless given "
+            "interface=127.0.0.1 (or ::1); refusing to expose the internal site"
+        )
+    try:
+        loopback = ipaddress.ip_address(interface.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(f"--internal: interface {interface!r} is not a loopback address")
+    return description
+
+
+def _endpoint_argument(description: str, key: str) -> str | None:
+    """Read ``key=value`` from a Twisted endpoint string, honouring backslash escapes."""
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(description)
+    for c in chars:
+        if c == "\\":
+            current.append(next(chars, ""))
+        elif c == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+    parts.append("".join(current))
+    for part in parts[1:]:
+        k, sep, value = part.partition("=")
+        if sep and k == key:
+            return value
+    return None
+
+
+class Options(usage.Options):
+    """``twistd anonticket`` options; each also reads its ``ANONTICKET_*`` variable."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Pay Monero to an integrated address, redeem the payment ID for a service token. "
+        "Every option can also be set with the environment variable shown in brackets; "
+        "the command line wins."
+    )
+    optFlags = [[s.name, None, f"{s.help} [{s.env}]"] for s in SETTINGS if s.flag]
+    # Defaults are shown in the help text but not stored: an unset option must fall through to
+    # its environment variable, so defaults are applied by resolve().
+    optParameters = [
+        [s.name, None, None, f"{s.help} [{s.env}; default: {s.shown_default or s.default}]"]
+        for s in SETTINGS
+        if not s.flag
+    ]

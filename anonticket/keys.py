@@ -1,0 +1,113 @@
+"""The data directory and the secret key that turns PIDs and tokens into stored tags.
+
+A stolen database alone must let no one redeem a payment or use a token, so the store keeps
+only keyed BLAKE2b tags of them.  The 32-byte key lives in ``<data-dir>/secret.key`` (0600),
+made on first start; losing it makes every stored payment and token unreachable, so operators
+back it up (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Final
+
+import nacl.encoding
+import nacl.hash
+import nacl.utils
+
+SECRET_KEY_FILE: Final = "secret.key"
+SECRET_KEY_BYTES: Final = 32
+TAG_BYTES: Final = 16
+
+_PID_PERSON: Final = b"anonticket.pid"
+_TOKEN_PERSON: Final = b"anonticket.tok"
+
+
+class DataDirError(Exception):
+    """The data directory or the key file cannot be used; the message says why."""
+
+
+def prepare_data_dir(path: Path) -> Path:
+    """Create the data directory 0700, or tighten an existing one we own to 0700."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            # systemd's StateDirectory= makes 0755 by default; the directory holds keys.
+            path.chmod(0o700)
+    except OSError as e:
+        raise DataDirError(f"--data-dir: cannot use {str(path)!r}: {e.strerror}") from None
+    return path
+
+
+def load_or_create_secret_key(data_dir: Path) -> bytes:
+    """Read ``secret.key``, creating it (0600, written once, fsynced) on first start."""
+    path = data_dir / SECRET_KEY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_key(path)
+    except OSError as e:
+        raise DataDirError(f"cannot create {path}: {e.strerror}") from None
+    key = nacl.utils.random(SECRET_KEY_BYTES)
+    tmp_ok = False
+    try:
+        os.write(fd, key)
+        os.fsync(fd)
+        tmp_ok = True
+    finally:
+        os.close(fd)
+        if not tmp_ok:
+            path.unlink(missing_ok=True)
+    _fsync_dir(data_dir)
+    return key
+
+
+def _read_key(path: Path) -> bytes:
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise DataDirError(f"{path} is readable by other users (mode {mode:o}); chmod 600 it")
+        key = path.read_bytes()
+    except OSError as e:
+        raise DataDirError(f"cannot read {path}: {e.strerror}") from None
+    if len(key) != SECRET_KEY_BYTES:
+        raise DataDirError(
+            f"{path} must hold exactly {SECRET_KEY_BYTES} bytes; restore it from backup"
+        )
+    return key
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Tagger:
+    """Keyed BLAKE2b tags: equal inputs give equal tags, the key is needed to test a guess."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != SECRET_KEY_BYTES:
+            raise ValueError("secret key must be 32 bytes")
+        self._key = key
+
+    def pid_tag(self, pid: bytes) -> bytes:
+        return self._tag(pid, _PID_PERSON)
+
+    def token_tag(self, token: bytes) -> bytes:
+        return self._tag(token, _TOKEN_PERSON)
+
+    def _tag(self, data: bytes, person: bytes) -> bytes:
+        tag: bytes = nacl.hash.blake2b(
+            data,
+            digest_size=TAG_BYTES,
+            key=self._key,
+            person=person,
+            encoder=nacl.encoding.RawEncoder,
+        )
+        return tag

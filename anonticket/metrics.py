@@ -1,0 +1,79 @@
+"""Prometheus metrics, on the daemon's own registry (served by the internal site).
+
+The names and label values here are a contract (docs/metrics.md).  Labels come from small fixed
+sets only: never a PID, a token, an amount, a txid or a client's address.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
+
+from anonticket import __version__
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # The *_created series double the output and say nothing an operator needs.
+        disable_created_metrics()
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.build_info = Info("anonticket_build", "Version of the running daemon.", registry=r)
+        self.build_info.info({"version": __version__})
+        self.redeems = Counter(
+            "anonticket_redeem_requests",
+            "Redeem requests by outcome: success, already_claimed, pending, below_minimum, "
+            "not_found, invalid, error.",
+            ["outcome"],
+            registry=r,
+        )
+        self.negative_cache_hits = Counter(
+            "anonticket_redeem_negative_cache_hits",
+            "Redeems of recently unknown PIDs answered 404 without asking the store.",
+            registry=r,
+        )
+        self.token_lookups = Counter(
+            "anonticket_token_lookups",
+            "Token status lookups by outcome: active, revoked, not_found, invalid, error.",
+            ["outcome"],
+            registry=r,
+        )
+        self.revocations = Counter(
+            "anonticket_token_revocations",
+            "Revoke requests by outcome: revoked, already_revoked, not_found, invalid, error.",
+            ["outcome"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "anonticket_http_request_duration_seconds",
+            "Time to answer an HTTP request, by site and route.",
+            ["site", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.http_responses = Counter(
+            "anonticket_http_responses",
+            "HTTP responses by site, route and status code.",
+            ["site", "route", "code"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "anonticket_store_errors",
+            "Store operations that failed, by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.requests_in_flight = Gauge(
+            "anonticket_http_requests_in_flight",
+            "Requests being answered now, by site.",
+            ["site"],
+            registry=r,
+        )

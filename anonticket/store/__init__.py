@@ -1,0 +1,161 @@
+"""The store: one adbapi ConnectionPool shared by the public site, the internal site and the
+monitor.  Callers get Deferreds of plain records (:mod:`anonticket.store.records`); all SQL is in
+:mod:`anonticket.store.queries` and all driver differences in :mod:`anonticket.store.dialect`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.application.service import Service
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads
+from twisted.logger import Logger
+
+from anonticket.domain import PaymentId, ServiceToken
+from anonticket.keys import Tagger, load_or_create_secret_key, prepare_data_dir
+from anonticket.store import queries
+from anonticket.store.dialect import DatabaseError, SQLiteDialect, dialect_for
+from anonticket.store.records import (
+    MonitorState,
+    PaymentStatus,
+    RedeemResult,
+    TokenRecord,
+    Transfer,
+)
+
+__all__ = ["DatabaseError", "Store", "StoreService"]
+
+T = TypeVar("T")
+
+log = Logger()
+
+
+class Store:
+    """The typed face of the database.  Open with :meth:`open`, close with :meth:`close`."""
+
+    def __init__(self, reactor: IReactorThreads, database: str, data_dir: Path) -> None:
+        self._reactor = reactor
+        self._database = database
+        self._data_dir = data_dir
+        self._dialect: SQLiteDialect = dialect_for(database)
+        self._pool: adbapi.ConnectionPool | None = None
+        self._tagger: Tagger | None = None
+        # Called with each PID the monitor records as payable, after its batch commits, so a
+        # negative cache never hides a payment that has just been seen.
+        self.payment_listeners: list[Callable[[PaymentId], None]] = []
+
+    @property
+    def tagger(self) -> Tagger:
+        assert self._tagger is not None, "store is not open"
+        return self._tagger
+
+    def open(self) -> None:
+        """Prepare the data dir and key, migrate, and start the pool.
+
+        Runs synchronously: twistd calls startService before the reactor runs, and a store that
+        cannot open must stop start-up with one clear line, not fail later in a thread.
+        """
+        self._dialect.check_driver()
+        prepare_data_dir(self._data_dir)
+        self._tagger = Tagger(load_or_create_secret_key(self._data_dir))
+        migrate(self._dialect)
+        args, kwargs = self._dialect.connect_args()
+        self._pool = adbapi.ConnectionPool(
+            self._dialect.module,
+            *args,
+            cp_openfun=self._dialect.on_connect,
+            cp_reactor=self._reactor,
+            cp_noisy=False,
+            **self._dialect.pool_kwargs(),
+            **kwargs,
+        )
+
+    def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.close()
+            log.info("store closed")
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        if self._pool is None:
+            raise DatabaseError("store is not open")
+        d: Deferred[T] = self._pool.runInteraction(fn, self._dialect, *args)
+        return d
+
+    def redeem(self, pid: PaymentId, now: int) -> Deferred[RedeemResult]:
+        return self._run(queries.redeem, self.tagger, pid, now)
+
+    def token_status(self, token: ServiceToken) -> Deferred[TokenRecord | None]:
+        return self._run(queries.token_status, self.tagger.token_tag(token.raw))
+
+    def revoke(
+        self, token: ServiceToken, reason: str | None, abuse_score: int | None, now: int
+    ) -> Deferred[tuple[TokenRecord, bool] | None]:
+        return self._run(queries.revoke, self.tagger.token_tag(token.raw), reason, abuse_score, now)
+
+    def record_transfers(
+        self,
+        transfers: Sequence[Transfer],
+        now: int,
+        cursor: int | None = None,
+        wallet_height: int | None = None,
+    ) -> Deferred[None]:
+        d = self._run(
+            queries.record_transfers, self.tagger, list(transfers), now, cursor, wallet_height
+        )
+
+        def notify(result: None) -> None:
+            for t in transfers:
+                if t.status in (PaymentStatus.PENDING, PaymentStatus.UNCLAIMED):
+                    pid = PaymentId(t.pid)
+                    for listener in self.payment_listeners:
+                        listener(pid)
+
+        d.addCallback(notify)
+        return d
+
+    def monitor_state(self) -> Deferred[MonitorState]:
+        return self._run(queries.monitor_state)
+
+    def ping(self) -> Deferred[bool]:
+        return self._run(queries.ping)
+
+
+def migrate(dialect: SQLiteDialect) -> int:
+    """Bring the schema up to date; each migration once, in order, in its own transaction."""
+    try:
+        conn = dialect.connect()
+    except Exception as e:  # the driver's own error types differ per database
+        raise DatabaseError(f"cannot open the database: {e}") from None
+    try:
+        for version, script in dialect.migrations():
+            if dialect.apply_migration(conn, version, script):
+                log.info("database migrated to schema version {version}", version=version)
+        return dialect.schema_version(conn)
+    except DatabaseError:
+        raise
+    except Exception as e:
+        raise DatabaseError(f"cannot migrate the database: {e}") from None
+    finally:
+        conn.close()
+
+
+class StoreService(Service):
+    """Opens the store when started and closes it when stopped (after the sites and monitor)."""
+
+    name = "store"
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def startService(self) -> None:
+        self.store.open()
+        super().startService()
+
+    def stopService(self) -> Deferred[None] | None:
+        self.store.close()
+        return super().stopService()  # type: ignore[no-any-return]

@@ -1,0 +1,127 @@
+"""The tiny seam between the store's SQL and a database driver.
+
+Everything that differs between SQLite and (later) PostgreSQL lives here: the DB-API module
+adbapi loads, how a connection is set up, how a write transaction begins, the parameter style,
+and which migration files apply.  Queries are written once, with ``?`` placeholders.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Final
+
+MIN_SQLITE: Final = (3, 35, 0)  # UPDATE ... RETURNING
+
+
+class DatabaseError(Exception):
+    """The database cannot be opened or migrated; the message is safe for a log line."""
+
+
+@dataclass(frozen=True)
+class SQLiteDialect:
+    path: str
+    busy_timeout_ms: int = 5000
+    name: str = "sqlite"
+    module: str = "sqlite3"
+    begin_write: str = "BEGIN IMMEDIATE"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check_driver(self) -> None:
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise DatabaseError(
+                f"SQLite {sqlite3.sqlite_version} is too old: anonticket needs 3.35 or newer "
+                "(for UPDATE ... RETURNING)"
+            )
+
+    def sql(self, text: str) -> str:
+        return text
+
+    def connect_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        # check_same_thread=False: adbapi closes every thread's connection from the reactor
+        # thread.  isolation_level=None: no implicit BEGIN; we BEGIN IMMEDIATE ourselves so a
+        # writer takes the lock up front instead of failing on a read-to-write upgrade.
+        return (self.path,), {
+            "check_same_thread": False,
+            "isolation_level": None,
+            "timeout": self.busy_timeout_ms / 1000,
+        }
+
+    def on_connect(self, conn: Any) -> None:
+        """Applied to every pooled connection (cp_openfun), not just the first."""
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+        conn.execute("PRAGMA foreign_keys=ON")
+
+    def connect(self) -> Any:
+        args, kwargs = self.connect_args()
+        conn = sqlite3.connect(*args, **kwargs)
+        self.on_connect(conn)
+        return conn
+
+    def pool_kwargs(self) -> dict[str, Any]:
+        # One connection: SQLite has one writer anyway, and a single thread keeps every
+        # transaction strictly ordered without "database is locked" retries.
+        return {"cp_min": 1, "cp_max": 1}
+
+    def migrations(self) -> list[tuple[int, str]]:
+        folder = resources.files("anonticket.store") / "migrations" / self.name
+        found = []
+        for entry in folder.iterdir():
+            if entry.name.endswith(".sql"):
+                found.append((int(entry.name.split("_", 1)[0]), entry.read_text("utf-8")))
+        return sorted(found)
+
+    def apply_migration(self, conn: Any, version: int, script: str) -> bool:
+        """Apply one migration atomically; False if another process got there first."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            current = row[0] or 0
+            if current >= version:
+                conn.execute("ROLLBACK")
+                return False
+            # executescript() would COMMIT first; run statement by statement inside our BEGIN.
+            for statement in _statements(script):
+                conn.execute(statement)
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return True
+
+    def schema_version(self, conn: Any) -> int:
+        row = conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name='schema_version'"
+        ).fetchone()
+        if row is None:
+            return 0
+        return int(conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements with SQLite's own parser (no naive ';' split)."""
+    statements = []
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip() and not all(
+        ln.strip().startswith("--") or not ln.strip() for ln in buffer.splitlines()
+    ):
+        raise DatabaseError("migration ends with an incomplete statement")
+    return statements
+
+
+def dialect_for(database: str) -> SQLiteDialect:
+    if database.startswith("sqlite:///"):
+        return SQLiteDialect(database[len("sqlite:///") :])
+    raise DatabaseError("only sqlite:/// databases are supported by this version")

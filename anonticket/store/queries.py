@@ -1,0 +1,203 @@
+"""Every SQL statement of anonticket, as functions run in an adbapi pool thread.
+
+Each function receives an adbapi ``Transaction`` (a DB-API cursor) and the dialect, and does
+one unit of work; adbapi commits when it returns and rolls back when it raises.  Write units
+begin with the dialect's write BEGIN so SQLite takes its lock up front.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from anonticket.domain import PaymentId, derive_service_token
+from anonticket.keys import Tagger
+from anonticket.store.dialect import SQLiteDialect
+from anonticket.store.records import (
+    BelowMinimum,
+    MonitorState,
+    NotFound,
+    PaymentStatus,
+    Pending,
+    Redeemed,
+    RedeemResult,
+    TokenRecord,
+    Transfer,
+)
+
+Txn = Any  # adbapi.Transaction: a DB-API cursor
+
+_CURSOR = "cursor"
+_WALLET_HEIGHT = "wallet_height"
+
+
+def redeem(txn: Txn, d: SQLiteDialect, tagger: Tagger, pid: PaymentId, now: int) -> RedeemResult:
+    """Claim every confirmed, unclaimed payment of ``pid`` and credit it to the PID's token.
+
+    The claim is decided by the rows the UPDATE returns, never by a prior SELECT or by
+    ``rowcount``: under any concurrency exactly one transaction gets each row.
+    """
+    pid_tag = tagger.pid_tag(pid.raw)
+    # Cheap read first: unknown PIDs (the common abusive case) never take the write lock.
+    probe = txn.execute(
+        d.sql("SELECT 1 FROM payments WHERE pid_tag = ? AND status = ? LIMIT 1"),
+        (pid_tag, int(PaymentStatus.UNCLAIMED)),
+    ).fetchone()
+    claimed: list[tuple[bytes, int, int]] = []
+    if probe is not None:
+        txn.execute(d.begin_write)
+        claimed = txn.execute(
+            d.sql(
+                "UPDATE payments SET status = ?, claimed_at = ? "
+                "WHERE pid_tag = ? AND status = ? RETURNING txid, amount, height"
+            ),
+            (int(PaymentStatus.CLAIMED), now, pid_tag, int(PaymentStatus.UNCLAIMED)),
+        ).fetchall()
+    if claimed:
+        credit = sum(amount for _, amount, _ in claimed)
+        first_txid = min(claimed, key=lambda row: (row[2], row[0]))[0]
+        token = derive_service_token(pid, bytes(first_txid).hex())
+        inserted = txn.execute(
+            d.sql(
+                "INSERT INTO tokens (token_tag, pid_tag, first_txid, balance, issued_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (pid_tag) DO NOTHING RETURNING balance"
+            ),
+            (tagger.token_tag(token.raw), pid_tag, bytes(first_txid), credit, now),
+        ).fetchone()
+        if inserted is not None:
+            return Redeemed(token, int(inserted[0]), first_claim=True)
+        # A later payment to an already-redeemed PID: top up the existing token.
+        row = txn.execute(
+            d.sql(
+                "UPDATE tokens SET balance = balance + ? WHERE pid_tag = ? "
+                "RETURNING first_txid, balance"
+            ),
+            (credit, pid_tag),
+        ).fetchone()
+        return Redeemed(
+            derive_service_token(pid, bytes(row[0]).hex()), int(row[1]), first_claim=False
+        )
+    row = txn.execute(
+        d.sql("SELECT first_txid, balance FROM tokens WHERE pid_tag = ?"), (pid_tag,)
+    ).fetchone()
+    if row is not None:
+        return Redeemed(
+            derive_service_token(pid, bytes(row[0]).hex()), int(row[1]), first_claim=False
+        )
+    statuses = txn.execute(
+        d.sql("SELECT status, max(height) FROM payments WHERE pid_tag = ? GROUP BY status"),
+        (pid_tag,),
+    ).fetchall()
+    by_status = {int(status): int(height) for status, height in statuses}
+    if PaymentStatus.PENDING in by_status:
+        return Pending(by_status[PaymentStatus.PENDING], _state(txn, d).wallet_height)
+    if PaymentStatus.DUST in by_status:
+        return BelowMinimum()
+    return NotFound()
+
+
+def _token_record(row: Sequence[Any]) -> TokenRecord:
+    return TokenRecord(
+        balance=int(row[0]),
+        issued_at=int(row[1]),
+        revoked_at=None if row[2] is None else int(row[2]),
+        revoke_reason=row[3],
+        abuse_score=int(row[4]),
+    )
+
+
+_TOKEN_COLUMNS = "balance, issued_at, revoked_at, revoke_reason, abuse_score"
+
+
+def token_status(txn: Txn, d: SQLiteDialect, token_tag: bytes) -> TokenRecord | None:
+    row = txn.execute(
+        d.sql(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_tag = ?"), (token_tag,)
+    ).fetchone()
+    return None if row is None else _token_record(row)
+
+
+def revoke(
+    txn: Txn,
+    d: SQLiteDialect,
+    token_tag: bytes,
+    reason: str | None,
+    abuse_score: int | None,
+    now: int,
+) -> tuple[TokenRecord, bool] | None:
+    """Revoke once; a second revoke returns the current record and changes nothing."""
+    txn.execute(d.begin_write)
+    row = txn.execute(
+        d.sql(
+            "UPDATE tokens SET revoked_at = ?, revoke_reason = ?, "
+            "abuse_score = coalesce(?, abuse_score) "
+            f"WHERE token_tag = ? AND revoked_at IS NULL RETURNING {_TOKEN_COLUMNS}"
+        ),
+        (now, reason, abuse_score, token_tag),
+    ).fetchone()
+    if row is not None:
+        return _token_record(row), True
+    record = token_status(txn, d, token_tag)
+    return None if record is None else (record, False)
+
+
+def record_transfers(
+    txn: Txn,
+    d: SQLiteDialect,
+    tagger: Tagger,
+    transfers: Sequence[Transfer],
+    now: int,
+    cursor: int | None,
+    wallet_height: int | None,
+) -> None:
+    """Store a batch of transfers and, in the same transaction, the monitor's cursor.
+
+    Re-reading a transfer is harmless: the row is keyed by its identity, its height and
+    pending/unclaimed status follow the wallet, and a claimed, dust or legacy row never changes.
+    """
+    txn.execute(d.begin_write)
+    redeemable = (int(PaymentStatus.PENDING), int(PaymentStatus.UNCLAIMED))
+    for t in transfers:
+        txn.execute(
+            d.sql(
+                "INSERT INTO payments (txid, subaddr_major, subaddr_minor, pid_tag, amount, "
+                "height, status, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (txid, subaddr_major, subaddr_minor) DO UPDATE SET "
+                "height = excluded.height, "
+                "status = CASE WHEN payments.status IN (?, ?) AND excluded.status IN (?, ?) "
+                "THEN excluded.status ELSE payments.status END"
+            ),
+            (
+                t.txid,
+                t.subaddr_major,
+                t.subaddr_minor,
+                tagger.pid_tag(t.pid),
+                t.amount,
+                t.height,
+                int(t.status),
+                now,
+                *redeemable,
+                *redeemable,
+            ),
+        )
+    for name, value in ((_CURSOR, cursor), (_WALLET_HEIGHT, wallet_height)):
+        if value is not None:
+            txn.execute(
+                d.sql(
+                    "INSERT INTO monitor_state (name, value) VALUES (?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+                ),
+                (name, value),
+            )
+
+
+def _state(txn: Txn, d: SQLiteDialect) -> MonitorState:
+    rows = dict(txn.execute(d.sql("SELECT name, value FROM monitor_state")).fetchall())
+    return MonitorState(cursor=rows.get(_CURSOR), wallet_height=rows.get(_WALLET_HEIGHT))
+
+
+def monitor_state(txn: Txn, d: SQLiteDialect) -> MonitorState:
+    return _state(txn, d)
+
+
+def ping(txn: Txn, d: SQLiteDialect) -> bool:
+    return txn.execute("SELECT 1").fetchone() is not None

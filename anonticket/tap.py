@@ -1,0 +1,80 @@
+"""``twistd anonticket``: Options and makeService (assembly only; logic lives elsewhere).
+
+Services start in dependency order and stop in reverse: store → public site → internal site.
+The monitor and the onion service slot in after the store when they land.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.logger import Logger
+
+from anonticket.config import Config, ConfigError, Options, from_options
+from anonticket.keys import DataDirError
+from anonticket.metrics import Metrics
+from anonticket.store import DatabaseError, Store, StoreService
+from anonticket.web.http import PrivacySite
+from anonticket.web.internal import InternalAPI
+from anonticket.web.public import PublicAPI
+from anonticket.web.service import SiteService, StartupError
+
+__all__ = ["AnonticketService", "Options", "makeService"]
+
+log = Logger()
+
+
+class AnonticketService(MultiService):
+    """The root service: a start-up failure ends the process with one line, not a traceback."""
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except (StartupError, DatabaseError, DataDirError) as e:
+            # Undo what did start (the store's pool threads), then exit non-zero.
+            for service in reversed(list(self)):
+                if service.running:
+                    service.stopService()
+            raise SystemExit(f"anonticket: {e}") from None
+
+
+def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> AnonticketService:
+    """Assemble the daemon from a Config (used by makeService, the .tac file and tests)."""
+    metrics = metrics if metrics is not None else Metrics()
+    root = AnonticketService()
+    store = Store(reactor, config.database, config.data_dir)
+    StoreService(store).setServiceParent(root)
+
+    public = PublicAPI(store, metrics, reactor, config.min_confirmations)
+    public_site = PrivacySite(public.app.resource(), name="public", metrics=metrics, clock=reactor)
+    SiteService(reactor, "public", config.public, public_site).setServiceParent(root)
+
+    internal = InternalAPI(store, metrics, reactor, monitor=None)
+    internal_site = PrivacySite(
+        internal.app.resource(), name="internal", metrics=metrics, clock=reactor
+    )
+    SiteService(reactor, "internal", config.internal, internal_site).setServiceParent(root)
+    return root
+
+
+def makeService(
+    options: Mapping[str, object], reactor: Any = None, environ: Mapping[str, str] | None = None
+) -> IService:
+    """Called by twistd with the parsed Options.  Bad configuration exits with one line."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor  # noqa: TID251 - entry point
+
+        reactor = global_reactor
+    try:
+        config = from_options(options, os.environ if environ is None else environ)
+        if config.monitor:
+            raise ConfigError(
+                "the wallet monitor is not part of this version yet; "
+                "start with --no-monitor (ANONTICKET_NO_MONITOR=1)"
+            )
+    except ConfigError as e:
+        raise SystemExit(f"anonticket: {e}") from None
+    return build(config, reactor)

@@ -1,0 +1,157 @@
+"""The internal site (loopback or a unix socket only): metrics, revocation, health.
+
+It is never published as an onion and config refuses a non-loopback endpoint for it; it has no
+authentication of its own, so who can reach it is decided by where it listens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from klein import Klein
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import IRequest
+
+from anonticket.domain import ServiceToken
+from anonticket.metrics import Metrics
+from anonticket.store import Store
+from anonticket.store.records import MonitorState, TokenRecord
+from anonticket.web.http import (
+    ApiError,
+    install_error_handlers,
+    read_json_object,
+    respond,
+    set_route,
+    store_call,
+)
+from anonticket.web.public import TOKEN_NOT_FOUND, rfc3339, token_view
+
+MAX_REASON_LENGTH = 1000
+SMALLINT = (-32768, 32767)
+
+
+class MonitorHealth(Protocol):
+    """What /healthz needs from the wallet monitor."""
+
+    @property
+    def poll_interval(self) -> float: ...
+
+    def last_success(self) -> float | None:
+        """Reactor time of the last poll that completed, or None before the first."""
+
+
+def internal_token_view(record: TokenRecord) -> dict[str, Any]:
+    view = token_view(record)
+    view["abuse_score"] = record.abuse_score
+    view["revoke_reason"] = record.revoke_reason
+    return view
+
+
+def _revoke_arguments(body: dict[str, Any]) -> tuple[str | None, int | None]:
+    reason = body.get("reason")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON_LENGTH):
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"reason must be a string of at most {MAX_REASON_LENGTH} characters, or null",
+        )
+    score = body.get("abuse_score")
+    if score is not None and (
+        isinstance(score, bool)
+        or not isinstance(score, int)
+        or not SMALLINT[0] <= score <= SMALLINT[1]
+    ):
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"abuse_score must be an integer from {SMALLINT[0]} to {SMALLINT[1]}, or null",
+        )
+    return reason, score
+
+
+class InternalAPI:
+    app = Klein()
+    install_error_handlers(app, "internal")
+
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        clock: IReactorTime,
+        monitor: MonitorHealth | None = None,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._clock = clock
+        self._monitor = monitor
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        set_route(request, "metrics")
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        body: bytes = generate_latest(self._metrics.registry)
+        return body
+
+    @app.route("/api/v1/token/<string:token>/revoke", methods=["POST"])
+    async def revoke(self, request: IRequest, token: str) -> bytes:
+        set_route(request, "revoke")
+        outcomes = self._metrics.revocations
+        try:
+            parsed = ServiceToken.parse(token)
+            reason, score = _revoke_arguments(read_json_object(request, allow_empty=True))
+        except Exception:
+            outcomes.labels("invalid").inc()
+            raise
+        now = int(self._clock.seconds())
+        try:
+            result = await store_call(
+                self._metrics, "revoke", lambda: self._store.revoke(parsed, reason, score, now)
+            )
+        except ApiError:
+            outcomes.labels("error").inc()
+            raise
+        if result is None:
+            outcomes.labels("not_found").inc()
+            raise TOKEN_NOT_FOUND
+        record, newly = result
+        outcomes.labels("revoked" if newly else "already_revoked").inc()
+        return respond(request, internal_token_view(record))
+
+    @app.route("/healthz", methods=["GET"])
+    async def healthz(self, request: IRequest) -> bytes:
+        set_route(request, "healthz")
+        problems: list[str] = []
+        state = MonitorState(cursor=None, wallet_height=None)
+        try:
+            state = await store_call(self._metrics, "monitor_state", self._store.monitor_state)
+        except ApiError:
+            problems.append("store is not answering")
+        body: dict[str, Any] = {
+            "store": "error" if problems else "ok",
+            "wallet_height": state.wallet_height,
+            "cursor": state.cursor,
+            "lag": (
+                None
+                if state.wallet_height is None or state.cursor is None
+                else max(0, state.wallet_height - state.cursor)
+            ),
+        }
+        if self._monitor is None:
+            body["monitor"] = "disabled"
+        else:
+            last = self._monitor.last_success()
+            limit = 3 * self._monitor.poll_interval
+            body["last_poll"] = None if last is None else rfc3339(int(last))
+            if last is None:
+                body["monitor"] = "starting"
+                problems.append("the monitor has not completed a poll yet")
+            elif self._clock.seconds() - last > limit:
+                body["monitor"] = "stale"
+                problems.append(f"no successful wallet poll in the last {limit:g} seconds")
+            else:
+                body["monitor"] = "ok"
+        body["status"] = "unavailable" if problems else "ok"
+        if problems:
+            body["reason"] = "; ".join(problems)
+        return respond(request, body, 503 if problems else 200)

@@ -1,0 +1,154 @@
+"""The public site (published as the onion service): redeem a PID, look up a token.
+
+It has exactly two routes; anything else is a JSON 404, and revocation is not here at all.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import IRequest
+
+from anonticket.domain import PaymentId, ServiceToken
+from anonticket.metrics import Metrics
+from anonticket.negcache import NegativeCache
+from anonticket.store import Store
+from anonticket.store.records import (
+    BelowMinimum,
+    NotFound,
+    Pending,
+    Redeemed,
+    TokenRecord,
+)
+from anonticket.web.http import (
+    ApiError,
+    install_error_handlers,
+    read_json_object,
+    respond,
+    set_route,
+    store_call,
+)
+
+PAYMENT_NOT_FOUND = ApiError(404, "payment_not_found", "payment not found")
+TOKEN_NOT_FOUND = ApiError(404, "token_not_found", "token not found")
+BELOW_MINIMUM = ApiError(
+    404,
+    "below_minimum",
+    "every payment to this payment id was below the minimum amount; it cannot be redeemed",
+)
+
+
+def rfc3339(timestamp: int | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def token_view(record: TokenRecord) -> dict[str, Any]:
+    return {
+        "status": "revoked" if record.revoked else "active",
+        "balance": record.balance,
+        "issued_at": rfc3339(record.issued_at),
+        "revoked_at": rfc3339(record.revoked_at),
+    }
+
+
+class PublicAPI:
+    app = Klein()
+    install_error_handlers(app, "public")
+
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        clock: IReactorTime,
+        min_confirmations: int,
+        negative_cache: NegativeCache | None = None,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._clock = clock
+        self._min_confirmations = min_confirmations
+        self._unknown = negative_cache if negative_cache is not None else NegativeCache(clock)
+        store.payment_listeners.append(self._unknown.discard)
+
+    @app.route("/api/v1/redeem", methods=["POST"])
+    async def redeem(self, request: IRequest) -> bytes:
+        set_route(request, "redeem")
+        outcomes = self._metrics.redeems
+        try:
+            body = read_json_object(request)
+            pid = PaymentId.parse(body.get("pid"))
+        except Exception:
+            outcomes.labels("invalid").inc()
+            raise
+        if pid in self._unknown:
+            self._metrics.negative_cache_hits.inc()
+            outcomes.labels("not_found").inc()
+            raise PAYMENT_NOT_FOUND
+        try:
+            result = await store_call(
+                self._metrics, "redeem", lambda: self._store.redeem(pid, self._now())
+            )
+        except ApiError:
+            outcomes.labels("error").inc()
+            raise
+        match result:
+            case Redeemed(token=token, balance=balance, first_claim=first):
+                status = "success" if first else "already_claimed"
+                outcomes.labels(status).inc()
+                return respond(
+                    request, {"status": status, "service_token": token.hex, "balance": balance}
+                )
+            case Pending(height=height, wallet_height=wallet_height):
+                outcomes.labels("pending").inc()
+                confirmations = 0
+                if height > 0 and wallet_height is not None:
+                    # The wallet's own count: a transfer at height h has (wallet height - h).
+                    confirmations = max(0, wallet_height - height)
+                return respond(
+                    request,
+                    {
+                        "status": "pending",
+                        "confirmations": confirmations,
+                        "required": self._min_confirmations,
+                    },
+                    202,
+                )
+            case BelowMinimum():
+                outcomes.labels("below_minimum").inc()
+                raise BELOW_MINIMUM
+            case NotFound():
+                outcomes.labels("not_found").inc()
+                self._unknown.add(pid)
+                raise PAYMENT_NOT_FOUND
+        raise AssertionError("unreachable")
+
+    @app.route("/api/v1/token/<string:token>", methods=["GET"])
+    async def token(self, request: IRequest, token: str) -> bytes:
+        set_route(request, "token")
+        lookups = self._metrics.token_lookups
+        try:
+            parsed = ServiceToken.parse(token)
+        except Exception:
+            lookups.labels("invalid").inc()
+            raise
+        try:
+            record = await store_call(
+                self._metrics, "token_status", lambda: self._store.token_status(parsed)
+            )
+        except ApiError:
+            lookups.labels("error").inc()
+            raise
+        if record is None:
+            lookups.labels("not_found").inc()
+            raise TOKEN_NOT_FOUND
+        view = token_view(record)
+        lookups.labels(view["status"]).inc()
+        return respond(request, view)
+
+    def _now(self) -> int:
+        return int(self._clock.seconds())
