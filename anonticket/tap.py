@@ -7,10 +7,11 @@ The monitor and the onion service slot in after the store when they land.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from typing import Any
 
 from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 
 from anonticket.config import Config, ConfigError, Options, from_options
@@ -39,6 +40,18 @@ class AnonticketService(MultiService):
                 if service.running:
                     service.stopService()
             raise SystemExit(f"anonticket: {e}") from None
+
+    @inlineCallbacks
+    def stopService(self) -> Generator[Deferred[object], object, None]:
+        """Stop children one at a time, last started first.
+
+        MultiService stops them all at once; the store must close only after the sites have
+        answered their requests in flight, so each child is awaited before the next.
+        """
+        self.running = False
+        for service in reversed(list(self)):
+            if service.running:
+                yield maybeDeferred(service.stopService)
 
 
 def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> AnonticketService:

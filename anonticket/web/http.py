@@ -15,7 +15,7 @@ from typing import Any, Final, NoReturn, cast
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,6 +31,7 @@ MAX_BODY: Final = 4096
 # After a 413, keep reading (and dropping) this much before hanging up, so the client sees our
 # answer instead of a connection reset caused by unread data.
 _DISCARD_LIMIT: Final = 64 * 1024
+_REJECT_GRACE: Final = 1.0
 IDLE_TIMEOUT: Final = 60
 
 log = Logger()
@@ -156,6 +157,7 @@ class LimitedRequest(server.Request):
     """
 
     route_label = "other"
+    _hangup: IDelayedCall | None = None
     _rejected = False
     _received = 0
     _started: float | None = None
@@ -197,15 +199,28 @@ class LimitedRequest(server.Request):
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         self.channel.persistent = False
+        # Hang up once the body has been read and dropped, or after a short grace if the client
+        # never sends it (it may be waiting for the "100 Continue" it will not get).
+        self._hangup = self.channel.callLater(_REJECT_GRACE, self.channel.loseConnection)
         site = getattr(self.channel, "site", None)
         if isinstance(site, PrivacySite):
             site.count_response("other", 413)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._rejected:
+            self._cancel_hangup()
             self.channel.loseConnection()
             return
         super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancel_hangup()
+        super().connectionLost(reason)
+
+    def _cancel_hangup(self) -> None:
+        if self._hangup is not None and self._hangup.active():
+            self._hangup.cancel()
+        self._hangup = None
 
     def setHeader(self, name: bytes | str, value: bytes | str) -> None:
         # twisted.web announces "Server: TwistedWeb/<version>"; do not help fingerprinting.
@@ -255,10 +270,10 @@ class PrivacyChannel(http.HTTPChannel):
             site.channels.add(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
         site = getattr(self, "site", None)
         if isinstance(site, PrivacySite):
-            site.channels.discard(self)
-        super().connectionLost(reason)
+            site.channel_closed(self)
 
 
 class _Guard(Resource):
@@ -305,6 +320,7 @@ class PrivacySite(server.Site):
         self.channels: set[PrivacyChannel] = set()
         self.in_flight = 0
         self._drained: list[Deferred[None]] = []
+        self._closed: list[Deferred[None]] = []
 
     def log(self, request: object) -> None:
         """No access log: a request line can hold a token, and who asked is nobody's business."""
@@ -335,11 +351,26 @@ class PrivacySite(server.Site):
 
     def drained(self) -> Deferred[None]:
         """Fires once no request is in flight."""
+        return self._when(self.in_flight == 0, self._drained)
+
+    def channel_closed(self, channel: PrivacyChannel) -> None:
+        self.channels.discard(channel)
+        if not self.channels:
+            waiting, self._closed = self._closed, []
+            for d in waiting:
+                d.callback(None)
+
+    def closed(self) -> Deferred[None]:
+        """Fires once every connection is gone (its last bytes flushed to the client)."""
+        return self._when(not self.channels, self._closed)
+
+    @staticmethod
+    def _when(now: bool, waiters: list[Deferred[None]]) -> Deferred[None]:
         d: Deferred[None] = Deferred()
-        if self.in_flight == 0:
+        if now:
             d.callback(None)
         else:
-            self._drained.append(d)
+            waiters.append(d)
         return d
 
 

@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from anonticket.web.http import PrivacySite
 
 DRAIN_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 2.0
 
 log = Logger()
 
@@ -71,11 +72,9 @@ class SiteService(Service):
             return
         # No new connections; let requests in flight finish (bounded), then close the rest.
         yield port.stopListening()
-        drained = self.site.drained()
         clock: IReactorTime = self._reactor
-        drained.addTimeout(DRAIN_TIMEOUT, clock)
         try:
-            yield drained
+            yield self.site.drained().addTimeout(DRAIN_TIMEOUT, clock)
         except defer.TimeoutError:
             log.warn(
                 "{site} site: {count} requests still in flight after {timeout}s; closing",
@@ -83,8 +82,15 @@ class SiteService(Service):
                 count=self.site.in_flight,
                 timeout=DRAIN_TIMEOUT,
             )
+        # Close idle keep-alive connections and wait until they are gone: at reactor shutdown
+        # the reactor drops every connection at once, unflushed answers included.
         for channel in list(self.site.channels):
             channel.loseConnection()
+        try:
+            yield self.site.closed().addTimeout(CLOSE_TIMEOUT, clock)
+        except defer.TimeoutError:
+            for channel in list(self.site.channels):
+                channel.forceAbortClient()
         log.info("{site} site stopped", site=self.site.name)
 
 

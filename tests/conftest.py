@@ -1,0 +1,136 @@
+"""Shared fixtures: an opened store, an in-process daemon on real loopback sockets, HTTP helpers.
+
+The reactor is injected into everything under test; it is imported here only to hand it over.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+from treq.client import HTTPClient
+from twisted.internet import reactor as _reactor
+from twisted.logger import eventAsJSON, formatEvent, globalLogPublisher
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from anonticket.config import from_options
+from anonticket.metrics import Metrics
+from anonticket.store import Store
+from anonticket.store.records import PaymentStatus, Transfer
+from anonticket.tap import AnonticketService, build
+from anonticket.web.service import SiteService
+
+reactor: Any = _reactor
+
+
+def transfer(
+    pid: bytes | str,
+    txid: bytes | int,
+    amount: int = 10**12,
+    height: int = 100,
+    status: PaymentStatus = PaymentStatus.UNCLAIMED,
+    minor: int = 0,
+) -> Transfer:
+    if isinstance(pid, str):
+        pid = bytes.fromhex(pid)
+    if isinstance(txid, int):
+        txid = txid.to_bytes(32, "big")
+    return Transfer(txid, 0, minor, pid, amount, height, status)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(reactor, f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path)
+    s.open()
+    yield s
+    s.close()
+
+
+@dataclass
+class Daemon:
+    root: AnonticketService
+    store: Store
+    metrics: Metrics
+    public_url: str
+    internal_url: str
+    data_dir: Path
+
+
+def _url(service: SiteService) -> str:
+    assert service.port is not None
+    host = service.port.getHost()
+    return f"http://127.0.0.1:{host.port}"
+
+
+def daemon_config(tmp_path: Path, **extra: str) -> Any:
+    options: dict[str, object] = {
+        "data-dir": str(tmp_path),
+        "public": "tcp:0:interface=127.0.0.1",
+        "internal": "tcp:0:interface=127.0.0.1",
+        "no-monitor": True,
+        **extra,
+    }
+    return from_options(options, environ={})
+
+
+@pytest_twisted.async_yield_fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+    metrics = Metrics()
+    root = build(daemon_config(tmp_path), reactor, metrics)
+    root.startService()
+    store_service = root.getServiceNamed("store")
+    yield Daemon(
+        root=root,
+        store=store_service.store,
+        metrics=metrics,
+        public_url=_url(root.getServiceNamed("public-site")),
+        internal_url=_url(root.getServiceNamed("internal-site")),
+        data_dir=tmp_path,
+    )
+    await root.stopService()
+
+
+@pytest.fixture
+def caplog_events() -> Iterator[list[str]]:
+    """Every log event of the server side during the test, as the JSON log observer would write
+    it (all keys).  The test's own HTTP client (treq) logs its connections; those are left out."""
+    captured: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if str(event.get("log_namespace", "")).startswith("twisted.web.client"):
+            return
+        captured.append(formatEvent(event) + " " + eventAsJSON(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield captured
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest_twisted.async_yield_fixture
+async def http() -> AsyncIterator[HTTPClient]:
+    """A treq client with its own connection pool, closed after the test."""
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    yield HTTPClient(Agent(reactor, pool=pool))
+    await pool.closeCachedConnections()
+
+
+async def post_json(client: HTTPClient, url: str, body: object) -> tuple[int, Any, Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = await client.post(
+        url, data=data, headers={"Content-Type": "application/json"}, timeout=10
+    )
+    return response.code, await response.json(), response.headers
+
+
+async def get_json(client: HTTPClient, url: str) -> tuple[int, Any, Any]:
+    response = await client.get(url, timeout=10)
+    return response.code, await response.json(), response.headers
+
+
+__all__ = ["Daemon", "get_json", "post_json", "transfer", "treq"]

@@ -1,0 +1,155 @@
+"""Options, environment variables and the one-line start-up errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from anonticket.config import (
+    SETTINGS,
+    ConfigError,
+    Options,
+    check_internal_endpoint,
+    from_options,
+)
+
+
+def parse(args: list[str], env: dict[str, str] | None = None):
+    options = Options()
+    options.parseOptions(args)
+    return from_options(options, environ=env or {})
+
+
+TCP = ["--public", "tcp:8080:interface=127.0.0.1"]
+
+
+def test_defaults():
+    config = parse([*TCP, "--no-monitor"])
+    assert config.data_dir == Path("./anonticket-data")
+    assert config.database == "sqlite:///anonticket-data/anonticket.sqlite3"
+    assert config.internal == "tcp:9180:interface=127.0.0.1"
+    assert config.wallet_rpc == "http://127.0.0.1:18083"
+    assert (config.min_confirmations, config.min_amount) == (10, 10_000_000_000)
+    assert (config.start_height, config.poll_interval) == (0, 5.0)
+    assert config.tor_control is None and config.wallet_rpc_login is None
+    assert config.monitor is False
+
+
+def test_every_option_reads_its_environment_variable_and_the_command_line_wins():
+    env = {
+        "ANONTICKET_DATA_DIR": " /srv/at ",
+        "ANONTICKET_MIN_CONFIRMATIONS": " 12 ",
+        "ANONTICKET_MIN_AMOUNT": "2000000",
+        "ANONTICKET_START_HEIGHT": "77",
+        "ANONTICKET_POLL_INTERVAL": "10",
+        "ANONTICKET_WALLET_RPC": "http://127.0.0.1:28083/json_rpc",
+        "ANONTICKET_WALLET_RPC_LOGIN": "monitor:s3cret",
+        "ANONTICKET_TOR_CONTROL": "unix:/run/tor/control",
+        "ANONTICKET_INTERNAL": "unix:/run/anonticket/internal.sock",
+        "ANONTICKET_PUBLIC": "tcp:9999:interface=127.0.0.1",
+        "ANONTICKET_NO_MONITOR": "yes",
+    }
+    config = parse([], env)
+    assert config.data_dir == Path("/srv/at")
+    assert config.min_confirmations == 12 and config.min_amount == 2_000_000
+    assert config.start_height == 77 and config.poll_interval == 10.0
+    assert config.wallet_rpc == "http://127.0.0.1:28083"
+    assert config.wallet_rpc_login == ("monitor", "s3cret")
+    assert config.tor_control == "unix:/run/tor/control"
+    assert config.internal == "unix:/run/anonticket/internal.sock"
+    assert config.public == "tcp:9999:interface=127.0.0.1"
+    assert config.monitor is False
+    config = parse(["--min-confirmations", "3", "--data-dir", "/x"], env)
+    assert config.min_confirmations == 3 and config.data_dir == Path("/x")
+
+
+def test_empty_environment_values_count_as_unset():
+    config = parse([*TCP, "--no-monitor"], {"ANONTICKET_MIN_CONFIRMATIONS": "  "})
+    assert config.min_confirmations == 10
+
+
+def test_every_setting_is_an_option_and_named_in_help():
+    text = str(Options())
+    for s in SETTINGS:
+        assert f"--{s.name}" in text and s.env in text
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--min-confirmations", "abc"], {}, "--min-confirmations: expected a whole number"),
+        (["--min-confirmations", "0"], {}, "--min-confirmations: must be between 1"),
+        (["--min-amount", "-5"], {}, "--min-amount: must be between 1"),
+        (["--poll-interval", "fast"], {}, "--poll-interval: expected seconds"),
+        (["--poll-interval", "0"], {}, "--poll-interval: must be between"),
+        (["--wallet-rpc", "ftp://x"], {}, "--wallet-rpc: expected http://"),
+        (["--wallet-rpc", "http://u:p@127.0.0.1:1"], {}, "--wallet-rpc: put credentials"),
+        (["--wallet-rpc-login", "nopassword"], {}, "--wallet-rpc-login: expected user:password"),
+        (["--database", "mysql://x"], {}, "--database: expected sqlite:///PATH"),
+        (["--database", "postgresql://db"], {}, "--database: PostgreSQL is not supported"),
+        (["--public", "ssl:443"], {}, "--public: unsupported endpoint type"),
+        (["--public", "nonsense"], {}, "--public: expected an endpoint"),
+        ([], {"ANONTICKET_NO_MONITOR": "maybe"}, "ANONTICKET_NO_MONITOR: expected 1/true"),
+    ],
+)
+def test_bad_values_name_the_option(args, env, message):
+    with pytest.raises(ConfigError) as e:
+        parse([*TCP, *args], env)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_every_bad_value_is_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        parse(["--min-confirmations", "x", "--min-amount", "y"])
+    assert "--min-confirmations" in str(e.value) and "--min-amount" in str(e.value)
+
+
+def test_onion_public_endpoint_fails_with_one_clear_line_for_now():
+    with pytest.raises(ConfigError, match="--public: onion endpoints are not available"):
+        parse([])
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "tcp:9180:interface=127.0.0.1",
+        "tcp:port=9180:interface=127.0.0.1",
+        "tcp:9180:interface=127.3.4.5",
+        "tcp6:9180:interface=\\:\\:1",
+        "unix:/run/anonticket/internal.sock",
+        "unix:/tmp/x.sock:mode=600",
+    ],
+)
+def test_loopback_and_unix_internal_endpoints_are_accepted(endpoint):
+    assert check_internal_endpoint(endpoint) == endpoint
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "tcp:9180",
+        "tcp:9180:interface=0.0.0.0",
+        "tcp:9180:interface=10.0.0.1",
+        "tcp:9180:interface=localhost",
+        "tcp6:9180:interface=\\:\\:",
+        "ssl:9180:interface=127.0.0.1",
+        "onion:80",
+    ],
+)
+def test_internal_endpoint_is_refused_unless_loopback_or_unix(endpoint):
+    with pytest.raises(ConfigError, match="--internal"):
+        check_internal_endpoint(endpoint)
+
+
+@given(st.text(max_size=60))
+def test_internal_check_never_raises_anything_but_config_error(text):
+    try:
+        accepted = check_internal_endpoint(text)
+    except ConfigError as e:
+        assert str(e).startswith("--internal: ")
+    else:
+        assert accepted == text and text.split(":", 1)[0].lower() in {"unix", "tcp", "tcp6"}

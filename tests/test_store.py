@@ -1,0 +1,287 @@
+"""The store against real SQLite files through the adbapi pool."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import gatherResults
+
+from anonticket.domain import PaymentId, derive_service_token
+from anonticket.store import DatabaseError, Store, migrate
+from anonticket.store.dialect import SQLiteDialect
+from anonticket.store.records import (
+    BelowMinimum,
+    NotFound,
+    PaymentStatus,
+    Pending,
+    Redeemed,
+)
+
+from .conftest import reactor, transfer
+
+PID = PaymentId.parse("0123456789abcdef")
+OTHER = PaymentId.parse("fedcba9876543210")
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_pid_is_not_found(store):
+    assert isinstance(await store.redeem(PID, 1000), NotFound)
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_redeem_succeeds_and_retries_return_the_same_token(store):
+    await store.record_transfers([transfer(PID.raw, 7, amount=5000)], now=1)
+    first = await store.redeem(PID, 1000)
+    assert first == Redeemed(derive_service_token(PID, (7).to_bytes(32, "big").hex()), 5000, True)
+    again = await store.redeem(PID, 2000)
+    assert again == Redeemed(first.token, 5000, first_claim=False)
+    record = await store.token_status(first.token)
+    assert record.balance == 5000 and record.issued_at == 1000 and not record.revoked
+
+
+@pytest_twisted.ensureDeferred
+async def test_several_payments_to_one_pid_are_summed_and_token_uses_the_first(store):
+    await store.record_transfers(
+        [
+            transfer(PID.raw, 9, amount=300, height=120),
+            transfer(PID.raw, 8, amount=200, height=110),
+            transfer(PID.raw, 8, amount=100, height=110, minor=1),  # same tx, other subaddress
+        ],
+        now=1,
+    )
+    result = await store.redeem(PID, 10)
+    assert result.balance == 600 and result.first_claim
+    assert result.token == derive_service_token(PID, (8).to_bytes(32, "big").hex())
+
+
+@pytest_twisted.ensureDeferred
+async def test_later_payment_tops_up_the_same_token_at_the_next_redeem(store):
+    await store.record_transfers([transfer(PID.raw, 1, amount=1000)], now=1)
+    first = await store.redeem(PID, 10)
+    await store.record_transfers([transfer(PID.raw, 2, amount=234, height=200)], now=20)
+    topped = await store.redeem(PID, 30)
+    assert topped == Redeemed(first.token, 1234, first_claim=False)
+    assert (await store.redeem(PID, 40)).balance == 1234
+    assert (await store.token_status(first.token)).balance == 1234
+
+
+@pytest_twisted.ensureDeferred
+async def test_rereading_a_transfer_never_credits_it_twice(store):
+    t = transfer(PID.raw, 1, amount=1000)
+    await store.record_transfers([t], now=1)
+    await store.redeem(PID, 10)
+    await store.record_transfers([t, t], now=2)
+    assert (await store.redeem(PID, 20)).balance == 1000
+
+
+@pytest_twisted.ensureDeferred
+async def test_pending_payment_reports_its_height_and_the_wallet_height(store):
+    await store.record_transfers(
+        [transfer(PID.raw, 1, height=0, status=PaymentStatus.PENDING)], now=1, wallet_height=50
+    )
+    assert await store.redeem(PID, 2) == Pending(height=0, wallet_height=50)
+    await store.record_transfers(
+        [transfer(PID.raw, 1, height=48, status=PaymentStatus.PENDING)], now=3, wallet_height=52
+    )
+    assert await store.redeem(PID, 4) == Pending(height=48, wallet_height=52)
+    await store.record_transfers([transfer(PID.raw, 1, height=48)], now=5, wallet_height=58)
+    assert (await store.redeem(PID, 6)).first_claim
+
+
+@pytest_twisted.ensureDeferred
+async def test_claimed_dust_and_legacy_rows_never_change_status(store):
+    await store.record_transfers([transfer(PID.raw, 1, amount=10)], now=1)
+    await store.redeem(PID, 2)
+    # A later read of the same transfer as pending (a reorg) must not un-claim it.
+    await store.record_transfers(
+        [transfer(PID.raw, 1, amount=10, height=0, status=PaymentStatus.PENDING)], now=3
+    )
+    assert (await store.redeem(PID, 4)) == Redeemed((await store.redeem(PID, 4)).token, 10, False)
+    await store.record_transfers([transfer(OTHER.raw, 2, status=PaymentStatus.DUST)], now=5)
+    await store.record_transfers([transfer(OTHER.raw, 2, status=PaymentStatus.UNCLAIMED)], now=6)
+    assert isinstance(await store.redeem(OTHER, 7), BelowMinimum)
+
+
+@pytest_twisted.ensureDeferred
+async def test_legacy_payment_is_recorded_but_never_redeemable(store):
+    legacy = bytes.fromhex("01" * 32)
+    await store.record_transfers([transfer(legacy, 1, status=PaymentStatus.LEGACY)], now=1)
+    # The 8-byte PID that a legacy id starts with must not see it either.
+    assert isinstance(await store.redeem(PaymentId(legacy[:8]), 2), NotFound)
+
+
+@pytest_twisted.ensureDeferred
+async def test_payments_to_other_pids_stay_separate(store):
+    await store.record_transfers(
+        [transfer(PID.raw, 1, amount=5), transfer(OTHER.raw, 2, amount=7)], now=1
+    )
+    a, b = await store.redeem(PID, 2), await store.redeem(OTHER, 2)
+    assert (a.balance, b.balance) == (5, 7) and a.token != b.token
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_redeems_of_one_pid_claim_exactly_once(store):
+    await store.record_transfers([transfer(PID.raw, 1, amount=999)], now=1)
+    results = await gatherResults([store.redeem(PID, 10) for _ in range(50)])
+    assert sum(r.first_claim for r in results) == 1
+    assert {r.token for r in results} == {results[0].token}
+    assert {r.balance for r in results} == {999}
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_pools_on_one_file_claim_exactly_once_without_lock_errors(tmp_path):
+    """Two stores (two connections, two threads) on one SQLite file: real write contention."""
+    a = Store(reactor, f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path)
+    b = Store(reactor, f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path)
+    a.open()
+    b.open()
+    try:
+        pids = [PaymentId((i + 1).to_bytes(8, "big")) for i in range(20)]
+        await a.record_transfers(
+            [transfer(p.raw, i + 1, amount=100 + i) for i, p in enumerate(pids)], now=1
+        )
+        calls = [s.redeem(p, 5) for p in pids for s in (a, b, a, b)]
+        results = await gatherResults(calls)
+        for i, p in enumerate(pids):
+            mine = results[4 * i : 4 * i + 4]
+            assert sum(r.first_claim for r in mine) == 1, p
+            assert len({r.token for r in mine}) == 1
+            assert {r.balance for r in mine} == {100 + i}
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoke_is_idempotent_and_keeps_the_first_reason(store):
+    await store.record_transfers([transfer(PID.raw, 1)], now=1)
+    token = (await store.redeem(PID, 2)).token
+    record, newly = await store.revoke(token, "abuse", 7, now=3)
+    assert newly and record.revoked_at == 3 and record.revoke_reason == "abuse"
+    assert record.abuse_score == 7
+    record, newly = await store.revoke(token, "again", 9, now=4)
+    assert not newly and record.revoked_at == 3 and record.revoke_reason == "abuse"
+    assert record.abuse_score == 7
+    missing = derive_service_token(OTHER, "00" * 32)
+    assert await store.revoke(missing, None, None, now=5) is None
+    assert await store.token_status(missing) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_revokes_revoke_once(store):
+    await store.record_transfers([transfer(PID.raw, 1)], now=1)
+    token = (await store.redeem(PID, 2)).token
+    results = await gatherResults([store.revoke(token, f"r{i}", i, now=3) for i in range(20)])
+    assert sum(newly for _, newly in results) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_monitor_state_is_stored_with_the_batch(store):
+    state = await store.monitor_state()
+    assert (state.cursor, state.wallet_height) == (None, None)
+    await store.record_transfers([], now=1, cursor=41, wallet_height=52)
+    state = await store.monitor_state()
+    assert (state.cursor, state.wallet_height) == (41, 52)
+
+
+@pytest_twisted.ensureDeferred
+async def test_listeners_hear_of_payable_pids_only_after_commit(store):
+    heard = []
+    store.payment_listeners.append(heard.append)
+    await store.record_transfers(
+        [
+            transfer(PID.raw, 1, status=PaymentStatus.PENDING),
+            transfer(OTHER.raw, 2, status=PaymentStatus.DUST),
+        ],
+        now=1,
+    )
+    assert heard == [PID]
+
+
+@pytest_twisted.ensureDeferred
+async def test_database_holds_no_pid_or_token_bytes(store, tmp_path):
+    rng = random.Random(7)  # random bytes: short runs of zeros would be found anywhere
+    pids = [PaymentId(rng.randbytes(8)) for _ in range(30)]
+    await store.record_transfers([transfer(p.raw, i) for i, p in enumerate(pids, 1)], now=1)
+    tokens = [(await store.redeem(p, 2)).token for p in pids]
+    store.close()  # checkpoint the WAL so everything is in the files we read
+    blob = b"".join(f.read_bytes() for f in tmp_path.iterdir() if f.name.startswith("db.sqlite3"))
+    for secret in [p.raw for p in pids] + [t.raw for t in tokens]:
+        assert secret not in blob
+        assert secret.hex().encode() not in blob
+    store.open()
+
+
+def test_migrations_from_empty_and_rerun(tmp_path):
+    dialect = SQLiteDialect(str(tmp_path / "m.sqlite3"))
+    assert migrate(dialect) == 1
+    assert migrate(dialect) == 1
+    conn = sqlite3.connect(tmp_path / "m.sqlite3")
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"payments", "tokens", "monitor_state", "schema_version"} <= tables
+    assert conn.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_pool_connections_get_every_pragma(store):
+    conn = store._pool.connect()  # the pool's own connection, as its thread would use it
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_data_dir_and_key_permissions(store, tmp_path):
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o700
+    key = tmp_path / "secret.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_bytes()) == 32
+
+
+def test_the_key_survives_a_restart(tmp_path):
+    a = Store(reactor, f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path)
+    a.open()
+    tag = a.tagger.pid_tag(PID.raw)
+    a.close()
+    b = Store(reactor, f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path)
+    b.open()
+    try:
+        assert b.tagger.pid_tag(PID.raw) == tag
+    finally:
+        b.close()
+
+
+def test_a_world_readable_key_is_refused(tmp_path):
+    (tmp_path / "secret.key").write_bytes(b"k" * 32)
+    (tmp_path / "secret.key").chmod(0o644)
+    s = Store(reactor, f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path)
+    with pytest.raises(Exception, match="readable by other users"):
+        s.open()
+
+
+def test_a_damaged_key_is_refused(tmp_path):
+    (tmp_path / "secret.key").write_bytes(b"short")
+    (tmp_path / "secret.key").chmod(0o600)
+    with pytest.raises(Exception, match="exactly 32 bytes"):
+        Store(reactor, f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path).open()
+
+
+def test_an_unopenable_database_is_one_clear_error(tmp_path):
+    (tmp_path / "dir.sqlite3").mkdir()
+    s = Store(reactor, f"sqlite:///{tmp_path / 'dir.sqlite3'}", tmp_path)
+    with pytest.raises(DatabaseError, match="cannot open the database"):
+        s.open()
+
+
+def test_a_loose_data_dir_is_tightened(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    s = Store(reactor, f"sqlite:///{d / 'db.sqlite3'}", Path(d))
+    s.open()
+    s.close()
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
