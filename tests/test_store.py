@@ -285,3 +285,13 @@ def test_a_loose_data_dir_is_tightened(tmp_path):
     s.open()
     s.close()
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
+
+
+def test_an_old_sqlite_is_refused_at_start(tmp_path, monkeypatch):
+    import anonticket.store.dialect as dialect
+
+    monkeypatch.setattr(dialect.sqlite3, "sqlite_version_info", (3, 34, 1))
+    monkeypatch.setattr(dialect.sqlite3, "sqlite_version", "3.34.1")
+    s = Store(reactor, f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path)
+    with pytest.raises(DatabaseError, match=r"SQLite 3\.34\.1 is too old.*3\.35"):
+        s.open()
