@@ -71,6 +71,65 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.wallet_height = Gauge(
+            "anonticket_wallet_height",
+            "The wallet's chain height (block count) at the last successful poll.",
+            registry=r,
+        )
+        self.monitor_cursor = Gauge(
+            "anonticket_monitor_cursor_height",
+            "Last block height whose transfers are recorded as final.",
+            registry=r,
+        )
+        self.monitor_lag = Gauge(
+            "anonticket_monitor_lag_blocks",
+            "Confirmed blocks not yet processed (0 when caught up).",
+            registry=r,
+        )
+        self.monitor_last_success = Gauge(
+            "anonticket_monitor_last_success_timestamp_seconds",
+            "Unix time of the last successful wallet poll.",
+            registry=r,
+        )
+        self.monitor_polls = Counter(
+            "anonticket_monitor_polls",
+            "Wallet polls by outcome: ok, unreachable, timeout, http_error, bad_response, "
+            "rpc_error, auth, error, cancelled.",
+            ["outcome"],
+            registry=r,
+        )
+        self.monitor_poll_duration = Histogram(
+            "anonticket_monitor_poll_duration_seconds",
+            "Duration of successful wallet polls.",
+            buckets=(*LATENCY_BUCKETS, 10.0, 30.0, 60.0),
+            registry=r,
+        )
+        self.wallet_rpc_duration = Histogram(
+            "anonticket_wallet_rpc_duration_seconds",
+            "Duration of wallet JSON-RPC calls by method (failures included).",
+            ["method"],
+            buckets=(*LATENCY_BUCKETS, 10.0, 30.0, 60.0),
+            registry=r,
+        )
+        self.monitor_transfers = Counter(
+            "anonticket_monitor_transfers",
+            "Incoming transfers by outcome, counted once each: credited (confirmed and "
+            "redeemable), pending, dust, legacy, skipped.",
+            ["outcome"],
+            registry=r,
+        )
+        self.monitor_skipped = Counter(
+            "anonticket_monitor_skipped_transfers",
+            "Skipped transfers by reason: coinbase, locked, double_spend, no_payment_id, "
+            "other_type, malformed.",
+            ["reason"],
+            registry=r,
+        )
+        self.monitor_flagged = Counter(
+            "anonticket_monitor_flagged_transfers",
+            "Credited transfers the wallet stopped reporting within the re-check window.",
+            registry=r,
+        )
         self.requests_in_flight = Gauge(
             "anonticket_http_requests_in_flight",
             "Requests being answered now, by site.",

@@ -1,7 +1,7 @@
 """``twistd anonticket``: Options and makeService (assembly only; logic lives elsewhere).
 
-Services start in dependency order and stop in reverse: store → public site → internal site.
-The monitor and the onion service slot in after the store when they land.
+Services start in dependency order and stop in reverse: store → wallet client → monitor →
+public site → internal site.  The onion service slots in before the public site when it lands.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from twisted.logger import Logger
 from anonticket.config import Config, ConfigError, Options, from_options
 from anonticket.keys import DataDirError
 from anonticket.metrics import Metrics
+from anonticket.monitor import Monitor, MonitorService, WalletService
 from anonticket.store import DatabaseError, Store, StoreService
+from anonticket.wallet import WalletClient
 from anonticket.web.http import PrivacySite
 from anonticket.web.internal import InternalAPI
 from anonticket.web.public import PublicAPI
@@ -61,11 +63,30 @@ def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> Anont
     store = Store(reactor, config.database, config.data_dir)
     StoreService(store).setServiceParent(root)
 
+    monitor: MonitorService | None = None
+    if config.monitor:
+        wallet = WalletClient(reactor, config.wallet_rpc, login=config.wallet_rpc_login)
+        WalletService(wallet).setServiceParent(root)
+        monitor = MonitorService(
+            Monitor(
+                store,
+                wallet,
+                metrics,
+                reactor,
+                min_confirmations=config.min_confirmations,
+                min_amount=config.min_amount,
+                start_height=config.start_height,
+                poll_interval=config.poll_interval,
+            ),
+            reactor,
+        )
+        monitor.setServiceParent(root)
+
     public = PublicAPI(store, metrics, reactor, config.min_confirmations)
     public_site = PrivacySite(public.app.resource(), name="public", metrics=metrics, clock=reactor)
     SiteService(reactor, "public", config.public, public_site).setServiceParent(root)
 
-    internal = InternalAPI(store, metrics, reactor, monitor=None)
+    internal = InternalAPI(store, metrics, reactor, config.min_confirmations, monitor=monitor)
     internal_site = PrivacySite(
         internal.app.resource(), name="internal", metrics=metrics, clock=reactor
     )
@@ -83,11 +104,6 @@ def makeService(
         reactor = global_reactor
     try:
         config = from_options(options, os.environ if environ is None else environ)
-        if config.monitor:
-            raise ConfigError(
-                "the wallet monitor is not part of this version yet; "
-                "start with --no-monitor (ANONTICKET_NO_MONITOR=1)"
-            )
     except ConfigError as e:
         raise SystemExit(f"anonticket: {e}") from None
     return build(config, reactor)

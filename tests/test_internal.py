@@ -108,7 +108,7 @@ async def test_metrics_count_outcomes_without_secrets_in_labels(daemon, http):
 
 @pytest_twisted.ensureDeferred
 async def test_healthz_reports_store_and_disabled_monitor(daemon, http):
-    await daemon.store.record_transfers([], now=1, cursor=90, wallet_height=100)
+    await daemon.store.record_transfers([], now=1, cursor=80, wallet_height=100)
     code, body, _ = await get_json(http, daemon.internal_url + "/healthz")
     assert code == 200
     assert body == {
@@ -116,7 +116,7 @@ async def test_healthz_reports_store_and_disabled_monitor(daemon, http):
         "store": "ok",
         "monitor": "disabled",
         "wallet_height": 100,
-        "cursor": 90,
+        "cursor": 80,
         "lag": 10,
     }
 
@@ -169,7 +169,7 @@ async def test_healthz_follows_the_monitors_last_successful_poll(store, http):
 
     clock, monitor, metrics = Clock(), StubMonitor(), Metrics()
     clock.advance(1000)
-    api = InternalAPI(store, metrics, clock, monitor=monitor)
+    api = InternalAPI(store, metrics, clock, 10, monitor=monitor)
     site = PrivacySite(api.app.resource(), name="internal", metrics=metrics, clock=clock)
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
     url = f"http://127.0.0.1:{port.getHost().port}/healthz"

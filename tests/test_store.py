@@ -219,13 +219,41 @@ async def test_database_holds_no_pid_or_token_bytes(store, tmp_path):
 
 def test_migrations_from_empty_and_rerun(tmp_path):
     dialect = SQLiteDialect(str(tmp_path / "m.sqlite3"))
-    assert migrate(dialect) == 1
-    assert migrate(dialect) == 1
+    latest = dialect.migrations()[-1][0]
+    assert latest >= 2
+    assert migrate(dialect) == latest
+    assert migrate(dialect) == latest
     conn = sqlite3.connect(tmp_path / "m.sqlite3")
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"payments", "tokens", "monitor_state", "schema_version"} <= tables
     assert conn.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_migrating_a_version_1_database_keeps_its_rows(tmp_path):
+    dialect = SQLiteDialect(str(tmp_path / "m.sqlite3"))
+    conn = dialect.connect()
+    version, script = dialect.migrations()[0]
+    assert dialect.apply_migration(conn, version, script)
+    conn.execute(
+        "INSERT INTO payments (txid, subaddr_major, subaddr_minor, pid_tag, amount, height, "
+        "status, seen_at) VALUES (?, 0, 0, ?, 5, 10, 1, 0)",
+        (b"t" * 32, b"p" * 16),
+    )
+    conn.close()
+    assert migrate(dialect) == dialect.migrations()[-1][0]
+    conn = sqlite3.connect(tmp_path / "m.sqlite3")
+    assert conn.execute("SELECT amount, flagged_at FROM payments").fetchall() == [(5, None)]
+
+
+def test_a_failing_migration_rolls_back_completely(tmp_path):
+    dialect = SQLiteDialect(str(tmp_path / "m.sqlite3"))
+    conn = dialect.connect()
+    with pytest.raises(sqlite3.OperationalError):
+        dialect.apply_migration(conn, 1, "CREATE TABLE a (x INTEGER);\nCREATE TABLE a (y);")
+    assert dialect.schema_version(conn) == 0
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "a" not in names
 
 
 def test_pool_connections_get_every_pragma(store):
@@ -295,3 +323,54 @@ def test_an_old_sqlite_is_refused_at_start(tmp_path, monkeypatch):
     s = Store(reactor, f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path)
     with pytest.raises(DatabaseError, match=r"SQLite 3\.34\.1 is too old.*3\.35"):
         s.open()
+
+
+@pytest_twisted.ensureDeferred
+async def test_batches_count_transitions_not_rereads(store):
+    pending = transfer(PID.raw, 1, height=100, status=PaymentStatus.PENDING)
+    result = await store.record_transfers([pending], now=1)
+    assert result.changed == {PaymentStatus.PENDING: 1}
+    assert (await store.record_transfers([pending], now=2)).changed == {}
+    confirmed = transfer(PID.raw, 1, height=100)
+    assert (await store.record_transfers([confirmed], now=3)).changed == {
+        PaymentStatus.UNCLAIMED: 1
+    }
+    assert (await store.record_transfers([confirmed], now=4)).changed == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_recheck_flags_credited_rows_and_forgets_pending_ones(store):
+    credited = transfer(PID.raw, 1, amount=50, height=105)
+    pending = transfer(OTHER.raw, 2, height=0, status=PaymentStatus.PENDING)
+    old = transfer(PID.raw, 3, amount=7, height=90)  # below the window: never rechecked
+    await store.record_transfers([credited, pending, old], now=1)
+    # The wallet's full report above height 100 no longer has either transfer.
+    result = await store.record_transfers([], now=2, recheck_from=100)
+    assert (result.flagged, result.forgotten) == (1, 1)
+    # The flagged payment is not redeemable; the old one is.
+    assert (await store.redeem(PID, 3)).balance == 7
+    assert isinstance(await store.redeem(OTHER, 3), NotFound)
+    # Flagging happens once; a second recheck finds nothing new.
+    again = await store.record_transfers([], now=4, recheck_from=100)
+    assert (again.flagged, again.forgotten) == (0, 0)
+    # Reported again (re-mined elsewhere): credited once, to the same token.
+    await store.record_transfers([transfer(PID.raw, 1, amount=50, height=107)], now=5)
+    assert (await store.redeem(PID, 6)).balance == 57
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flagged_claimed_payment_is_never_credited_twice(store):
+    t = transfer(PID.raw, 1, amount=50, height=105)
+    await store.record_transfers([t], now=1)
+    token = (await store.redeem(PID, 2)).token
+    result = await store.record_transfers([], now=3, recheck_from=100)
+    assert result.flagged == 1
+    await store.record_transfers([transfer(PID.raw, 1, amount=50, height=106)], now=4)
+    assert (await store.redeem(PID, 5)) == Redeemed(token, 50, first_claim=False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unclaimed_flagged_payment_reads_as_pending(store):
+    await store.record_transfers([transfer(PID.raw, 1, height=105)], now=1, wallet_height=120)
+    await store.record_transfers([], now=2, recheck_from=100)
+    assert await store.redeem(PID, 3) == Pending(height=0, wallet_height=120)

@@ -22,6 +22,7 @@ from anonticket.store.dialect import DatabaseError, SQLiteDialect, dialect_for
 from anonticket.store.records import (
     MonitorState,
     PaymentStatus,
+    RecordResult,
     RedeemResult,
     TokenRecord,
     Transfer,
@@ -103,17 +104,25 @@ class Store:
         now: int,
         cursor: int | None = None,
         wallet_height: int | None = None,
-    ) -> Deferred[None]:
+        recheck_from: int | None = None,
+    ) -> Deferred[RecordResult]:
         d = self._run(
-            queries.record_transfers, self.tagger, list(transfers), now, cursor, wallet_height
+            queries.record_transfers,
+            self.tagger,
+            list(transfers),
+            now,
+            cursor,
+            wallet_height,
+            recheck_from,
         )
 
-        def notify(result: None) -> None:
+        def notify(result: RecordResult) -> RecordResult:
             for t in transfers:
                 if t.status in (PaymentStatus.PENDING, PaymentStatus.UNCLAIMED):
                     pid = PaymentId(t.pid)
                     for listener in self.payment_listeners:
                         listener(pid)
+            return result
 
         d.addCallback(notify)
         return d

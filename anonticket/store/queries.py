@@ -19,6 +19,7 @@ from anonticket.store.records import (
     NotFound,
     PaymentStatus,
     Pending,
+    RecordResult,
     Redeemed,
     RedeemResult,
     TokenRecord,
@@ -40,7 +41,9 @@ def redeem(txn: Txn, d: SQLiteDialect, tagger: Tagger, pid: PaymentId, now: int)
     pid_tag = tagger.pid_tag(pid.raw)
     # Cheap read first: unknown PIDs (the common abusive case) never take the write lock.
     probe = txn.execute(
-        d.sql("SELECT 1 FROM payments WHERE pid_tag = ? AND status = ? LIMIT 1"),
+        d.sql(
+            "SELECT 1 FROM payments WHERE pid_tag = ? AND status = ? AND flagged_at IS NULL LIMIT 1"
+        ),
         (pid_tag, int(PaymentStatus.UNCLAIMED)),
     ).fetchone()
     claimed: list[tuple[bytes, int, int]] = []
@@ -49,7 +52,8 @@ def redeem(txn: Txn, d: SQLiteDialect, tagger: Tagger, pid: PaymentId, now: int)
         claimed = txn.execute(
             d.sql(
                 "UPDATE payments SET status = ?, claimed_at = ? "
-                "WHERE pid_tag = ? AND status = ? RETURNING txid, amount, height"
+                "WHERE pid_tag = ? AND status = ? AND flagged_at IS NULL "
+                "RETURNING txid, amount, height"
             ),
             (int(PaymentStatus.CLAIMED), now, pid_tag, int(PaymentStatus.UNCLAIMED)),
         ).fetchall()
@@ -84,13 +88,20 @@ def redeem(txn: Txn, d: SQLiteDialect, tagger: Tagger, pid: PaymentId, now: int)
         return Redeemed(
             derive_service_token(pid, bytes(row[0]).hex()), int(row[1]), first_claim=False
         )
+    # What is left: pending payments, unclaimed ones flagged by a reorg (pending again until
+    # the wallet reports them again), dust, legacy or nothing.
     statuses = txn.execute(
-        d.sql("SELECT status, max(height) FROM payments WHERE pid_tag = ? GROUP BY status"),
-        (pid_tag,),
+        d.sql(
+            "SELECT status, max(height) FROM payments WHERE pid_tag = ? "
+            "AND (status <> ? OR flagged_at IS NOT NULL) GROUP BY status"
+        ),
+        (pid_tag, int(PaymentStatus.UNCLAIMED)),
     ).fetchall()
     by_status = {int(status): int(height) for status, height in statuses}
     if PaymentStatus.PENDING in by_status:
         return Pending(by_status[PaymentStatus.PENDING], _state(txn, d).wallet_height)
+    if PaymentStatus.UNCLAIMED in by_status:
+        return Pending(0, _state(txn, d).wallet_height)
     if PaymentStatus.DUST in by_status:
         return BelowMinimum()
     return NotFound()
@@ -148,23 +159,34 @@ def record_transfers(
     now: int,
     cursor: int | None,
     wallet_height: int | None,
-) -> None:
+    recheck_from: int | None,
+) -> RecordResult:
     """Store a batch of transfers and, in the same transaction, the monitor's cursor.
 
-    Re-reading a transfer is harmless: the row is keyed by its identity, its height and
-    pending/unclaimed status follow the wallet, and a claimed, dust or legacy row never changes.
+    Re-reading a transfer is harmless: the row is keyed by its identity; its height and
+    pending/unclaimed status follow the wallet; a claimed, dust or legacy row never changes.
+
+    With ``recheck_from`` the batch is the wallet's complete report of heights above it (and of
+    the pool): a row there that the wallet no longer reports is a reorged-out or dropped
+    transfer.  A pending one is forgotten; a credited one is flagged, never credited again.
     """
     txn.execute(d.begin_write)
-    redeemable = (int(PaymentStatus.PENDING), int(PaymentStatus.UNCLAIMED))
+    changed: dict[PaymentStatus, int] = {}
+    keep = (int(PaymentStatus.PENDING), int(PaymentStatus.UNCLAIMED))
     for t in transfers:
-        txn.execute(
+        row = txn.execute(
             d.sql(
                 "INSERT INTO payments (txid, subaddr_major, subaddr_minor, pid_tag, amount, "
                 "height, status, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (txid, subaddr_major, subaddr_minor) DO UPDATE SET "
-                "height = excluded.height, "
+                "height = excluded.height, flagged_at = NULL, "
                 "status = CASE WHEN payments.status IN (?, ?) AND excluded.status IN (?, ?) "
-                "THEN excluded.status ELSE payments.status END"
+                "THEN excluded.status ELSE payments.status END "
+                # Only real changes return a row, so the counts below are transitions.
+                "WHERE payments.height <> excluded.height OR payments.flagged_at IS NOT NULL "
+                "OR (payments.status <> excluded.status AND payments.status IN (?, ?) "
+                "AND excluded.status IN (?, ?)) "
+                "RETURNING status"
             ),
             (
                 t.txid,
@@ -175,10 +197,18 @@ def record_transfers(
                 t.height,
                 int(t.status),
                 now,
-                *redeemable,
-                *redeemable,
+                *keep,
+                *keep,
+                *keep,
+                *keep,
             ),
-        )
+        ).fetchone()
+        if row is not None:
+            status = PaymentStatus(int(row[0]))
+            changed[status] = changed.get(status, 0) + 1
+    flagged = forgotten = 0
+    if recheck_from is not None:
+        flagged, forgotten = _recheck(txn, d, transfers, recheck_from, now)
     for name, value in ((_CURSOR, cursor), (_WALLET_HEIGHT, wallet_height)):
         if value is not None:
             txn.execute(
@@ -188,6 +218,36 @@ def record_transfers(
                 ),
                 (name, value),
             )
+    return RecordResult(changed=changed, flagged=flagged, forgotten=forgotten)
+
+
+def _recheck(
+    txn: Txn, d: SQLiteDialect, reported: Sequence[Transfer], above: int, now: int
+) -> tuple[int, int]:
+    seen = {(t.txid, t.subaddr_major, t.subaddr_minor) for t in reported}
+    rows = txn.execute(
+        d.sql(
+            "SELECT id, txid, subaddr_major, subaddr_minor, status FROM payments "
+            "WHERE (height > ? OR height = 0) AND status IN (?, ?, ?) AND flagged_at IS NULL"
+        ),
+        (
+            above,
+            int(PaymentStatus.PENDING),
+            int(PaymentStatus.UNCLAIMED),
+            int(PaymentStatus.CLAIMED),
+        ),
+    ).fetchall()
+    flagged = forgotten = 0
+    for row_id, txid, major, minor, status in rows:
+        if (bytes(txid), int(major), int(minor)) in seen:
+            continue
+        if int(status) == PaymentStatus.PENDING:
+            txn.execute(d.sql("DELETE FROM payments WHERE id = ?"), (row_id,))
+            forgotten += 1
+        else:
+            txn.execute(d.sql("UPDATE payments SET flagged_at = ? WHERE id = ?"), (now, row_id))
+            flagged += 1
+    return flagged, forgotten
 
 
 def _state(txn: Txn, d: SQLiteDialect) -> MonitorState:

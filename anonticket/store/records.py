@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 from anonticket.domain import ServiceToken
@@ -72,6 +72,16 @@ class TokenRecord:
     @property
     def revoked(self) -> bool:
         return self.revoked_at is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordResult:
+    """What a batch changed: rows that entered each status, credited rows flagged as gone
+    from the wallet, and pending rows forgotten because the wallet dropped them."""
+
+    changed: dict[PaymentStatus, int] = field(default_factory=dict)
+    flagged: int = 0
+    forgotten: int = 0
 
 
 @dataclass(frozen=True, slots=True)

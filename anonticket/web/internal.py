@@ -79,11 +79,13 @@ class InternalAPI:
         store: Store,
         metrics: Metrics,
         clock: IReactorTime,
+        min_confirmations: int,
         monitor: MonitorHealth | None = None,
     ) -> None:
         self._store = store
         self._metrics = metrics
         self._clock = clock
+        self._min_confirmations = min_confirmations
         self._monitor = monitor
 
     @app.route("/metrics", methods=["GET"])
@@ -131,10 +133,11 @@ class InternalAPI:
             "store": "error" if problems else "ok",
             "wallet_height": state.wallet_height,
             "cursor": state.cursor,
+            # Confirmed blocks not yet processed: 0 when the monitor is caught up.
             "lag": (
                 None
                 if state.wallet_height is None or state.cursor is None
-                else max(0, state.wallet_height - state.cursor)
+                else max(0, state.wallet_height - self._min_confirmations - state.cursor)
             ),
         }
         if self._monitor is None:
