@@ -26,6 +26,8 @@ from anonticket.store.records import PaymentStatus, Transfer
 from anonticket.tap import AnonticketService, build
 from anonticket.web.service import SiteService
 
+from .fakewallet import fake  # noqa: F401 - the stand-in wallet fixture, for fault tests
+
 reactor: Any = _reactor
 
 

@@ -8,230 +8,43 @@ per TCP connection, `nc` must equal the server's own counter, otherwise 401 with
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 import secrets
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.task import deferLater
 from twisted.web.guard import DigestCredentialFactory, HTTPAuthSessionWrapper
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from anonticket.wallet import WalletClient, WalletError
 
-reactor: Any = _reactor
-USER, PASSWORD = "monitor", "s3cret-Pa55word"
-Action = Callable[[Request, dict[str, Any]], Any]
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
-def reply(result: Any = None, **document: Any) -> Action:
-    def act(request: Request, body: dict[str, Any]) -> bytes:
-        request.setHeader("content-type", "application/json")
-        doc = document or {"result": result}
-        return json.dumps({"jsonrpc": "2.0", "id": body.get("id"), **doc}).encode()
-
-    return act
-
-
-def status(code: int) -> Action:
-    def act(request: Request, body: dict[str, Any]) -> bytes:
-        request.setResponseCode(code)
-        return b"server error page"
-
-    return act
-
-
-def raw(data: bytes) -> Action:
-    return lambda request, body: data
-
-
-def silent(request: Request, body: dict[str, Any]) -> Any:
-    return NOT_DONE_YET  # never answers at all
-
-
-def stall_after_headers(request: Request, body: dict[str, Any]) -> Any:
-    request.setHeader("content-length", "1000")
-    request.write(b'{"result": {')
-    return NOT_DONE_YET
-
-
-def declare_huge(request: Request, body: dict[str, Any]) -> Any:
-    request.setHeader("content-length", str(10 << 30))
-    request.write(b"{")
-    return NOT_DONE_YET
-
-
-def drop(request: Request, body: dict[str, Any]) -> Any:
-    # What a client sees when its pooled connection was closed just as it sent the request.
-    request.channel.transport.abortConnection()
-    return NOT_DONE_YET
-
-
-def big(size: int, declared: bool) -> Action:
-    def act(request: Request, body: dict[str, Any]) -> Any:
-        doc = json.dumps({"result": {"pad": "x" * size}}).encode()
-        if declared:
-            return doc  # twisted.web sets Content-Length
-        for i in range(0, len(doc), 65536):  # no length: chunked transfer-encoding
-            request.write(doc[i : i + 65536])
-        request.finish()
-        return NOT_DONE_YET
-
-    return act
-
-
-def _fields(header: str) -> dict[str, str]:
-    pairs = re.findall(r'(\w+)=(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))', header.split(" ", 1)[1])
-    return {k.lower(): quoted or bare for k, quoted, bare in pairs}
-
-
-@dataclass
-class EpeeDigest:
-    user: str
-    password: str
-    algorithms: tuple[str, ...] = ("MD5",)
-    sessions: dict[Any, list[Any]] = field(default_factory=dict)  # channel -> [nonce, counter]
-    challenges: list[bool] = field(default_factory=list)  # stale flag of each 401
-    accepted: list[tuple[str, str, int]] = field(default_factory=list)  # algorithm, nonce, nc
-
-    def check(self, request: Request) -> bool:
-        session = self.sessions.setdefault(request.channel, ["", 0])
-        header = request.getHeader("authorization")
-        stale = False
-        if header is not None:
-            session[1] += 1
-            f = _fields(header)
-            if header.lower().startswith("digest ") and self._valid(f, request):
-                if f["nonce"] == session[0] and int(f["nc"], 16) == session[1]:
-                    self.accepted.append((f["algorithm"], f["nonce"], int(f["nc"], 16)))
-                    return True
-                stale = True
-        session[0], session[1] = secrets.token_urlsafe(16), 0
-        self.challenges.append(stale)
-        request.setResponseCode(401)
-        for algorithm in self.algorithms:
-            for variant in (algorithm, algorithm + "-sess"):
-                request.responseHeaders.addRawHeader(
-                    "WWW-authenticate",
-                    f'Digest qop="auth",algorithm={variant},realm="monero-rpc",'
-                    f'nonce="{session[0]}",stale={"true" if stale else "false"}',
-                )
-        return False
-
-    def _valid(self, f: dict[str, str], request: Request) -> bool:
-        algorithm = f.get("algorithm", "")
-        base = algorithm.upper().removesuffix("-SESS")
-        if base not in self.algorithms or f.get("qop") != "auth" or f.get("username") != self.user:
-            return False
-        if f.get("realm") != "monero-rpc" or f.get("uri") != request.uri.decode():
-            return False
-
-        def h(*parts: str) -> str:
-            return hashlib.new(base.replace("-", "").lower(), ":".join(parts).encode()).hexdigest()
-
-        ha1 = h(self.user, "monero-rpc", self.password)
-        if algorithm.upper().endswith("-SESS"):
-            ha1 = h(ha1, f["nonce"], f["cnonce"])
-        ha2 = h(request.method.decode(), f["uri"])
-        return f.get("response") == h(ha1, f["nonce"], f["nc"], f["cnonce"], "auth", ha2)
-
-    def expire_nonces(self) -> None:
-        for session in self.sessions.values():
-            session[0] = secrets.token_urlsafe(16)
-
-
-class FakeWallet(Resource):
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.auth: EpeeDigest | None = None
-        self.script: list[Action] = []  # one per request, then `default`
-        self.default: Action = reply({"height": 42})
-        self.received: list[dict[str, Any]] = []
-        self.content_types: list[str | None] = []
-
-    def render_POST(self, request: Request) -> Any:
-        if self.auth is not None and not self.auth.check(request):
-            return b"<html><body><h1>401 Unauthorized</h1></body></html>"
-        body = json.loads(request.content.read())
-        self.received.append(body)
-        self.content_types.append(request.getHeader("content-type"))
-        action = self.script.pop(0) if self.script else self.default
-        return action(request, body)
-
-
-class TrackingSite(Site):
-    def __init__(self, resource: Any) -> None:
-        super().__init__(resource)
-        self.connections: list[Any] = []
-
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = super().buildProtocol(addr)
-        self.connections.append(protocol._channel)  # the HTTPChannel inside the HTTP/2 switch
-        return protocol
-
-    def open_connections(self) -> list[Any]:
-        return [c for c in self.connections if c.transport is not None and c.transport.connected]
-
-
-@dataclass
-class Fake:
-    wallet: FakeWallet
-    site: TrackingSite
-    url: str
-    clients: list[WalletClient]
-
-    def client(self, **kwargs: Any) -> WalletClient:
-        client = WalletClient(reactor, self.url, **kwargs)
-        self.clients.append(client)
-        return client
-
-
-async def _listen(site: Site) -> Any:
-    return await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
-
-
-async def _shutdown(fake: Fake, port: Any) -> None:
-    for client in fake.clients:
-        await client.close()
-    for protocol in fake.site.open_connections():
-        protocol.transport.abortConnection()
-    await port.stopListening()
-    await sleep(0.01)  # let connectionLost run everywhere
-    assert fake.site.open_connections() == []
-
-
-@pytest_twisted.async_yield_fixture
-async def fake() -> AsyncIterator[Fake]:
-    wallet = FakeWallet()
-    site = TrackingSite(wallet)
-    port = await _listen(site)
-    f = Fake(wallet, site, f"http://127.0.0.1:{port.getHost().port}", [])
-    yield f
-    await _shutdown(f, port)
-
-
-async def failure_of(coroutine: Any) -> WalletError:
-    with pytest.raises(WalletError) as info:
-        await coroutine
-    return info.value
+from .fakewallet import (
+    PASSWORD,
+    USER,
+    Action,
+    EpeeDigest,
+    Fake,
+    FakeWallet,
+    TrackingSite,
+    _listen,
+    _shutdown,
+    big,
+    declare_huge,
+    drop,
+    failure_of,
+    raw,
+    reactor,
+    reply,
+    silent,
+    sleep,
+    stall_after_headers,
+    status,
+)
 
 
 def _client_side_delayed_calls() -> list[Any]:
