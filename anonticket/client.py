@@ -1,0 +1,483 @@
+"""``anonticket-client``: make a payment ID and its integrated address, redeem it, check a token.
+
+The PID is drawn and parsed on this machine, so a malformed one never leaves it.  The server is
+treated as untrusted: every exchange has one deadline covering connect, headers and body, bodies
+are read with a size cap, and only checked fields are printed (server text is made printable).
+Exit codes: see EXIT_CODES (a server's HTTP 400 maps to 2, like our own input checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, NoReturn, TextIO
+from urllib.parse import urlsplit
+
+import nacl.utils
+from treq.client import HTTPClient
+from twisted.internet import task
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IConsumer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from anonticket.address import NETWORK_BYTES, AddressError, make_integrated_address, parse_address
+from anonticket.domain import DomainError, PaymentId, ServiceToken
+
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_PENDING: Final = 3
+EXIT_NOT_FOUND: Final = 4
+EXIT_REVOKED: Final = 5
+
+PROG: Final = "anonticket-client"
+MAX_RESPONSE: Final = 64 * 1024
+DEFAULT_TIMEOUT: Final = 60.0  # Tor circuits to an onion service are slow to build
+ATOMIC_PER_XMR: Final = 10**12
+_MAX_MESSAGE: Final = 300
+ONION_NEEDS_SOCKS: Final = "reaching .onion addresses needs --socks (coming with the Tor support)"
+EXIT_CODES: Final = """exit codes:
+  0  done; the token is active
+  1  network, timeout or server error
+  2  malformed input (payment id, token, address, options)
+  3  payment seen but not confirmed enough yet: retry later
+  4  payment or token not found
+  5  the token is revoked"""
+PID_IS_SECRET: Final = (
+    "keep the payment id secret until you have redeemed it: whoever knows it can claim the payment"
+)
+
+Handler = Callable[[Any, argparse.Namespace, TextIO, TextIO], Awaitable[int]]
+
+
+class ClientError(Exception):
+    """A failure shown as one line on stderr, with its exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _printable(text: str) -> str:
+    # Server text reaches a terminal: no escape sequences, bidi tricks or screenfuls.
+    return "".join(c if c.isprintable() else "?" for c in text[:_MAX_MESSAGE])
+
+
+def format_xmr(atomic: int) -> str:
+    whole, frac = divmod(atomic, ATOMIC_PER_XMR)  # integers only: no float rounding
+    return f"{atomic} atomic units ({whole}.{frac:012d} XMR)"
+
+
+def _print_fields(out: TextIO, fields: Sequence[tuple[str, str]]) -> None:
+    width = max(len(label) for label, _ in fields) + 3
+    for label, value in fields:
+        print(f"{label + ':':<{width}}{value}", file=out)
+
+
+# --------------------------------------------------------------------------- new
+
+
+def new_payment_id() -> PaymentId:
+    while True:
+        raw = nacl.utils.random(8)
+        if any(raw):  # all-zero means "no payment id" to wallets and is never redeemable
+            return PaymentId(raw)
+
+
+async def _new(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        address = parse_address(args.address)
+    except AddressError as exc:
+        raise ClientError(f"not a Monero address: {_printable(str(exc))}", EXIT_USAGE) from None
+    if address.kind == "subaddress":
+        raise ClientError(
+            "this is a subaddress; integrated addresses are built from the wallet's standard "
+            "(primary) address",
+            EXIT_USAGE,
+        )
+    if address.kind == "integrated":
+        raise ClientError(
+            "this is already an integrated address; give the standard (primary) address",
+            EXIT_USAGE,
+        )
+    # Regtest uses mainnet prefixes, so a mainnet address is never refused unless asked to.
+    if args.network is not None and address.network != args.network:
+        raise ClientError(
+            f"this is a {address.network} address, but --network {args.network} was given",
+            EXIT_USAGE,
+        )
+    pid = new_payment_id()
+    integrated = make_integrated_address(args.address, pid.raw)
+    if args.json:
+        print(json.dumps({"pid": pid.hex, "integrated_address": integrated}), file=out)
+    else:
+        _print_fields(out, [("payment id", pid.hex), ("integrated address", integrated)])
+        print(PID_IS_SECRET, file=err)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def make_agent(reactor: Any, args: argparse.Namespace) -> IAgent:
+    """The one place that decides how the server is reached (--socks will plug in here)."""
+    host = (urlsplit(args.url).hostname or "").rstrip(".")
+    if host.endswith(".onion"):
+        raise ClientError(ONION_NEEDS_SOCKS)
+    # Agent's default pool is not persistent: nothing lingers after the one exchange.
+    return Agent(reactor, connectTimeout=args.timeout)
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """Writes the whole request body at once; treq's default producer would run on the global
+    cooperator rather than the injected reactor."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _CappedReader(Protocol):
+    """Collects a response body, hanging up past ``limit`` bytes so a hostile server cannot make
+    us buffer without end.  (treq decodes gzip before this sees the bytes; zlib's ~1000:1 ratio
+    on one 64 KiB socket read bounds that transient.)"""
+
+    def __init__(self, limit: int, declared: object) -> None:
+        self._limit = limit
+        self._declared = declared
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.done: Deferred[bytes] = Deferred(self._cancel)
+
+    def connectionMade(self) -> None:
+        if isinstance(self._declared, int) and self._declared > self._limit:
+            self._too_large()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._too_large()
+        else:
+            self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
+
+    def _too_large(self) -> None:
+        limit = self._limit // 1024
+        self.done.errback(ClientError(f"the server's answer exceeds {limit} KiB; gave up"))
+        self._hang_up()
+
+    def _cancel(self, done: Deferred[bytes]) -> None:
+        # Fire first, so the hang-up's connectionLost cannot be reported as a network error.
+        done.errback(CancelledError())
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+def read_capped(response: IResponse, limit: int = MAX_RESPONSE) -> Deferred[bytes]:
+    reader = _CappedReader(limit, response.length)
+    response.deliverBody(reader)
+    return reader.done
+
+
+async def _exchange(
+    client: HTTPClient, method: str, url: str, payload: bytes | None
+) -> tuple[int, bytes]:
+    headers = Headers({b"Accept": [b"application/json"]})
+    if payload is not None:
+        headers.setRawHeaders(b"Content-Type", [b"application/json"])
+    # No redirects: the answer must come from the server the user named.  Unbuffered: treq's
+    # buffering would read the whole body without any cap.
+    response = await client.request(
+        method, url, data=payload, headers=headers, allow_redirects=False, unbuffered=True
+    )
+    return response.code, await read_capped(response)
+
+
+def _describe(exc: BaseException) -> str:
+    # Agent wraps the real cause in ResponseNeverReceived/ResponseFailed([Failure, ...]).
+    reasons = getattr(exc, "reasons", None)
+    if reasons and isinstance(reasons[0], Failure) and reasons[0].value is not None:
+        exc = reasons[0].value
+    return _printable(str(exc).strip() or type(exc).__name__)
+
+
+async def fetch(
+    reactor: Any, args: argparse.Namespace, method: str, path: str, payload: bytes | None = None
+) -> tuple[int, str, dict[str, Any]]:
+    """One HTTP exchange: the status, the body text and the JSON object in it."""
+    client = HTTPClient(make_agent(reactor, args), data_to_body_producer=_BytesProducer)
+    exchange = Deferred.fromCoroutine(_exchange(client, method, args.url + path, payload))
+
+    def timed_out(result: object, timeout: float) -> NoReturn:
+        # Whatever the cancelled exchange reports (a cancelled connect, a dropped body), the
+        # cause was the deadline.
+        raise ClientError(f"no complete answer from {args.url} within {timeout:g} s")
+
+    # treq's own timeout= stops at the headers; this deadline also covers reading the body.
+    exchange.addTimeout(args.timeout, reactor, onTimeoutCancel=timed_out)
+    try:
+        code, raw = await exchange
+    except ClientError:
+        raise
+    except Exception as exc:
+        raise ClientError(f"cannot reach {args.url}: {_describe(exc)}") from None
+    try:
+        text = raw.decode("utf-8")
+        body = json.loads(text)
+    except (ValueError, RecursionError):
+        body = None
+    if not isinstance(body, dict):
+        raise ClientError(f"the server answered HTTP {code} without a JSON object")
+    return code, text.strip(), body
+
+
+def _refusal(code: int, body: dict[str, Any]) -> ClientError:
+    error = body.get("error")
+    message = _printable(error) if isinstance(error, str) else "(no message)"
+    if code == 400:
+        return ClientError(message, EXIT_USAGE)
+    if code == 404:
+        return ClientError(message, EXIT_NOT_FOUND)
+    return ClientError(f"the server answered HTTP {code}: {message}")
+
+
+def _unexpected(code: int) -> ClientError:
+    return ClientError(f"unexpected answer from the server (HTTP {code})")
+
+
+def _count(body: dict[str, Any], name: str, code: int) -> int:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _unexpected(code)
+    return value
+
+
+def _text(body: dict[str, Any], name: str, code: int, optional: bool = False) -> str:
+    value = body.get(name)
+    if value is None and optional:
+        return "-"
+    if not isinstance(value, str):
+        raise _unexpected(code)
+    return _printable(value)
+
+
+def _redeem_outcome(code: int, body: dict[str, Any]) -> tuple[int, list[tuple[str, str]]]:
+    status = body.get("status")
+    if code == 200 and status in ("success", "already_claimed"):
+        try:
+            token = ServiceToken.parse(body.get("service_token"))
+        except DomainError:
+            raise _unexpected(code) from None
+        balance = format_xmr(_count(body, "balance", code))
+        return EXIT_OK, [
+            ("status", str(status)),
+            ("service token", token.hex),
+            ("balance", balance),
+        ]
+    if code == 202 and status == "pending":
+        have, need = _count(body, "confirmations", code), _count(body, "required", code)
+        return EXIT_PENDING, [("pending", f"{have} of {need} confirmations")]
+    if 200 <= code < 300:
+        raise _unexpected(code)
+    raise _refusal(code, body)
+
+
+def _status_outcome(code: int, body: dict[str, Any]) -> tuple[int, list[tuple[str, str]]]:
+    status = body.get("status")
+    if code != 200 or status not in ("active", "revoked"):
+        raise _refusal(code, body) if code >= 300 else _unexpected(code)
+    fields = [
+        ("status", str(status)),
+        ("balance", format_xmr(_count(body, "balance", code))),
+        ("issued at", _text(body, "issued_at", code)),
+        ("revoked at", _text(body, "revoked_at", code, optional=True)),
+    ]
+    return (EXIT_OK if status == "active" else EXIT_REVOKED), fields
+
+
+def _report(
+    args: argparse.Namespace,
+    out: TextIO,
+    answer: tuple[int, str, dict[str, Any]],
+    outcome: Callable[[int, dict[str, Any]], tuple[int, list[tuple[str, str]]]],
+) -> int:
+    code, text, body = answer
+    if not args.json:
+        exit_code, fields = outcome(code, body)
+        _print_fields(out, fields)
+        return exit_code
+    # JSON mode: the server's object as sent, nothing else; the exit code still tells the story.
+    print(text, file=out)
+    try:
+        return outcome(code, body)[0]
+    except ClientError as exc:
+        return exc.exit_code
+
+
+async def _redeem(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    pid = PaymentId.parse(args.pid)
+    payload = json.dumps({"pid": pid.hex}).encode()
+    answer = await fetch(reactor, args, "POST", "/api/v1/redeem", payload)
+    return _report(args, out, answer, _redeem_outcome)
+
+
+async def _status(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    token = ServiceToken.parse(args.token)
+    answer = await fetch(reactor, args, "GET", f"/api/v1/token/{token.hex}")
+    return _report(args, out, answer, _status_outcome)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
+
+
+def _base_url(text: str) -> str:
+    url = text.strip()
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError("must be an http:// or https:// URL, e.g. http://x.onion")
+    if parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError("must be a base URL without ?query or #fragment")
+    return url.rstrip("/")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object instead")
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument(
+        "--url", required=True, type=_base_url, help="base URL of the public site (http://x.onion)"
+    )
+    remote.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up after this long, body included (default {DEFAULT_TIMEOUT:g})",
+    )
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Pay Monero to an integrated address, then redeem its payment id for an "
+        "anonymous service token.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    new = commands.add_parser(
+        "new",
+        parents=[common],
+        help="make a fresh random payment id and its integrated address",
+        description="Draw a random payment id on this machine and build the integrated address "
+        "to pay to.  Keep the payment id secret until it is redeemed.",
+    )
+    new.add_argument(
+        "--address", required=True, help="the service's standard (primary) Monero address"
+    )
+    new.add_argument(
+        "--network",
+        choices=sorted(NETWORK_BYTES),
+        help="refuse an address of any other network (regtest uses mainnet addresses)",
+    )
+    new.set_defaults(handler=_new)
+    redeem = commands.add_parser(
+        "redeem",
+        parents=[common, remote],
+        help="redeem a paid payment id for a service token",
+        description="Exchange the payment id for a service token.  Retrying is safe: it "
+        "returns the same token.",
+    )
+    redeem.add_argument("pid", help="the 16-hex payment id printed by 'new'")
+    redeem.set_defaults(handler=_redeem)
+    status = commands.add_parser(
+        "status",
+        parents=[common, remote],
+        help="show a service token's status and balance",
+        description="Show whether a service token is active or revoked, and its balance.",
+    )
+    status.add_argument("token", help="the 64-hex service token")
+    status.set_defaults(handler=_status)
+    return parser
+
+
+async def run(reactor: Any, argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
+    """The whole command: parse ``argv``, act, print, and return the exit code."""
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            args = build_parser().parse_args(list(argv))
+    except SystemExit as exc:  # --help, or a usage error argparse has already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler: Handler = args.handler
+    try:
+        return await handler(reactor, args, stdout, stderr)
+    except ClientError as exc:
+        message, code = str(exc), exc.exit_code
+    except DomainError as exc:
+        message, code = exc.message, EXIT_USAGE
+    except Exception as exc:  # one line, never a traceback
+        message, code = f"unexpected {type(exc).__name__}: {_printable(str(exc))}", EXIT_ERROR
+    print(f"{PROG}: error: {message}", file=stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+
+    async def command(reactor: Any) -> None:
+        code = await run(reactor, arguments, sys.stdout, sys.stderr)
+        if code:
+            raise SystemExit(code)  # react() exits with SystemExit's code
+
+    task.react(command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Run the real ``twistd -n anonticket`` as a child process for end-to-end tests (blocking API)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .monero_regtest import free_port
+
+TWISTD = str(Path(sys.executable).parent / "twistd")
+CLIENT = [str(Path(sys.executable).parent / "anonticket-client")]  # the console script
+
+
+def _pdeathsig() -> None:
+    # The daemon must not outlive a killed test run.
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+
+
+class Daemon:
+    def __init__(self, data_dir: Path, *args: str) -> None:
+        self.data_dir = data_dir
+        self.public_port = free_port()
+        self.internal_port = free_port()
+        self.args = list(args)
+        self.log = data_dir.parent / f"{data_dir.name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def public_url(self) -> str:
+        return f"http://127.0.0.1:{self.public_port}"
+
+    @property
+    def internal_url(self) -> str:
+        return f"http://127.0.0.1:{self.internal_port}"
+
+    def start(self, wait: bool = True) -> Daemon:
+        argv = [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "anonticket",
+            "--data-dir",
+            str(self.data_dir),
+            "--public",
+            f"tcp:{self.public_port}:interface=127.0.0.1",
+            "--internal",
+            f"tcp:{self.internal_port}:interface=127.0.0.1",
+            *self.args,
+        ]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_pdeathsig
+            )
+        if wait:
+            self.wait_listening()
+        return self
+
+    def wait_listening(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None and self.process.poll() is None, self.log_text()
+            try:
+                self.get("/metrics")
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"daemon did not listen:\n{self.log_text()}")
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.internal_url + path, timeout=10) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def health(self) -> dict[str, Any]:
+        return json.loads(self.get("/healthz")[1])
+
+    def metric(self, line_prefix: str) -> float:
+        text = self.get("/metrics")[1].decode()
+        for line in text.splitlines():
+            if line.startswith(line_prefix + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    def wait_for_height(self, height: int, timeout: float = 30) -> dict[str, Any]:
+        """Until the monitor has recorded a poll at this wallet height (or higher)."""
+        deadline = time.monotonic() + timeout
+        health: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            health = self.health()
+            if (health.get("wallet_height") or 0) >= height and health["status"] == "ok":
+                return health
+            time.sleep(0.05)
+        raise AssertionError(f"monitor never reached {height}: {health}\n{self.log_text()}")
+
+    def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        self.process = None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def client(*args: str) -> tuple[int, Any]:
+    """Run ``anonticket-client ... --json``; (exit code, parsed JSON or the raw output)."""
+    result = subprocess.run(
+        [*CLIENT, *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ},
+    )
+    try:
+        return result.returncode, json.loads(result.stdout)
+    except ValueError:
+        return result.returncode, result.stdout + result.stderr

@@ -1,0 +1,386 @@
+"""anonticket-client: `new` offline, `redeem`/`status` against the real in-process daemon and
+against hostile little servers, and the console script as a real subprocess."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nacl.utils
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from anonticket.address import Address, parse_address, split_integrated_address
+from anonticket.client import ONION_NEEDS_SOCKS, PID_IS_SECRET, run
+from anonticket.store.records import PaymentStatus
+
+from .conftest import post_json, reactor, transfer
+
+PRIMARY = (
+    "4ADT1BtbxqEWeMKp9GgPr2NeyJXXtNxvoDawpyA4WpzFcGcoHUvXeijE66DNfohE9r1bQYaBiQjEtKE7CtkTdLwi"
+    "DznFzra"
+)
+INTEGRATED = (
+    "4Kv81zi6a6kWeMKp9GgPr2NeyJXXtNxvoDawpyA4WpzFcGcoHUvXeijE66DNfohE9r1bQYaBiQjEtKE7CtkTdLwiLEgreQ"
+    "tSJKWTyvJ8n1"
+)
+PID = "0123456789abcdef"
+NEW_OUTPUT = re.compile(r"payment id: +([0-9a-f]{16})\nintegrated address: +(\w+)\n")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def other_kind(kind: str, network: str = "mainnet") -> str:
+    base = parse_address(PRIMARY)
+    return Address(network, kind, base.spend_key, base.view_key).encode()  # type: ignore[arg-type]
+
+
+async def cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = await run(reactor, list(argv), out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_error_line(err: str, expected: str) -> None:
+    assert err.count("\n") == 1 and err.startswith("anonticket-client: error: "), err
+    assert expected in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- new
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_prints_a_pid_whose_integrated_address_round_trips():
+    code, out, err = await cli("new", "--address", PRIMARY)
+    assert code == 0
+    match = NEW_OUTPUT.fullmatch(out)
+    assert match, out
+    pid, integrated = match.groups()
+    assert split_integrated_address(integrated) == (PRIMARY, bytes.fromhex(pid))
+    assert err == PID_IS_SECRET + "\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_draws_a_fresh_pid_every_time():
+    pids = set()
+    for _ in range(5):
+        code, out, _ = await cli("new", "--address", PRIMARY)
+        match = NEW_OUTPUT.fullmatch(out)
+        assert code == 0 and match
+        pids.add(match.group(1))
+    assert len(pids) == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_redraws_an_all_zero_pid(monkeypatch):
+    draws = iter([bytes(8), bytes.fromhex(PID)])
+    monkeypatch.setattr(nacl.utils, "random", lambda n: next(draws))
+    code, out, _ = await cli("new", "--address", PRIMARY)
+    assert code == 0
+    assert out == f"payment id:          {PID}\nintegrated address:  {INTEGRATED}\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_json_is_one_object_and_nothing_on_stderr():
+    code, out, err = await cli("new", "--json", "--address", PRIMARY, "--network", "mainnet")
+    assert code == 0 and err == ""
+    body = json.loads(out)
+    assert set(body) == {"pid", "integrated_address"}
+    assert split_integrated_address(body["integrated_address"])[1].hex() == body["pid"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_on_testnet():
+    testnet = other_kind("standard", "testnet")
+    code, out, _ = await cli("new", "--json", "--address", testnet, "--network", "testnet")
+    integrated = json.loads(out)["integrated_address"]
+    assert code == 0 and parse_address(integrated).network == "testnet"
+    assert split_integrated_address(integrated)[0] == testnet
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--address", other_kind("subaddress")], "this is a subaddress"),
+        (["--address", INTEGRATED], "already an integrated address"),
+        (["--address", "hello"], "not a Monero address"),
+        (["--address", PRIMARY[:-1] + "b"], "not a Monero address: address checksum mismatch"),
+        (["--address", ""], "not a Monero address"),
+        (
+            ["--address", PRIMARY, "--network", "stagenet"],
+            "mainnet address, but --network stagenet",
+        ),
+        (
+            ["--address", other_kind("standard", "testnet"), "--network", "mainnet"],
+            "testnet address, but --network mainnet",
+        ),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_new_refuses_unsuitable_addresses(argv, message):
+    code, out, err = await cli("new", *argv)
+    assert code == 2 and out == ""
+    one_error_line(err, message)
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_errors_exit_2_and_help_exits_0():
+    code, _, err = await cli("new")
+    assert code == 2 and "--address" in err
+    code, _, err = await cli("redeem", PID, "--url", "ftp://example.org")
+    assert code == 2 and "http:// or https://" in err
+    code, _, err = await cli("redeem", PID, "--url", "http://x", "--timeout", "-1")
+    assert code == 2 and "positive" in err
+    code, out, _ = await cli("redeem", "--help")
+    assert code == 0 and "--timeout SECONDS" in out and "--json" in out
+
+
+# --------------------------------------------------------------------------- redeem / status
+
+
+@pytest_twisted.ensureDeferred
+async def test_redeem_then_again_then_status(daemon):
+    await daemon.store.record_transfers([transfer(PID, 1, amount=1_234_567_890_123)], now=1)
+    code, out, err = await cli("redeem", PID.upper(), "--url", daemon.public_url + "/")
+    assert (code, err) == (0, "")
+    token = re.search(r"^service token: +([0-9a-f]{64})$", out, re.M).group(1)
+    assert re.search(r"^status: +success$", out, re.M)
+    assert re.search(r"^balance: +1234567890123 atomic units \(1\.234567890123 XMR\)$", out, re.M)
+
+    code, again, _ = await cli("redeem", PID, "--url", daemon.public_url)
+    assert code == 0 and again == out.replace("success", "already_claimed")
+
+    code, out, err = await cli("status", token, "--url", daemon.public_url)
+    assert (code, err) == (0, "")
+    assert re.search(r"^status: +active$", out, re.M)
+    assert re.search(r"^balance: +1234567890123 atomic units", out, re.M)
+    assert re.search(r"^issued at: +\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", out, re.M)
+    assert re.search(r"^revoked at: +-$", out, re.M)
+
+
+@pytest_twisted.ensureDeferred
+async def test_redeem_and_status_json_print_the_server_body(daemon):
+    await daemon.store.record_transfers([transfer(PID, 1, amount=7)], now=1)
+    code, out, err = await cli("redeem", "--json", PID, "--url", daemon.public_url)
+    body = json.loads(out)
+    assert (code, err, out.count("\n")) == (0, "", 1)
+    assert body["status"] == "success" and body["balance"] == 7
+    code, out, _ = await cli("status", "--json", body["service_token"], "--url", daemon.public_url)
+    assert code == 0 and json.loads(out)["status"] == "active"
+    code, out, _ = await cli("redeem", "--json", "fedcba9876543210", "--url", daemon.public_url)
+    assert code == 4 and json.loads(out)["code"] == "payment_not_found"
+
+
+@pytest_twisted.ensureDeferred
+async def test_pending_payment_exits_3(daemon):
+    await daemon.store.record_transfers(
+        [transfer(PID, 1, height=100, status=PaymentStatus.PENDING)], now=1, wallet_height=104
+    )
+    code, out, _ = await cli("redeem", PID, "--url", daemon.public_url)
+    assert code == 3 and out == "pending:  4 of 10 confirmations\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_pid_and_unknown_token_exit_4(daemon):
+    code, out, err = await cli("redeem", PID, "--url", daemon.public_url)
+    assert code == 4 and out == ""
+    one_error_line(err, "payment not found")
+    code, out, err = await cli("status", "ab" * 32, "--url", daemon.public_url)
+    assert code == 4 and out == ""
+    one_error_line(err, "not found")
+
+
+def redeem_requests(daemon) -> float:
+    (family,) = daemon.metrics.redeems.collect()
+    return sum(s.value for s in family.samples if s.name.endswith("_total"))
+
+
+@pytest.mark.parametrize("pid", ["0" * 16, "xyz", PID + "0", "ab" * 32, "0123456789abcdeg"])
+@pytest_twisted.ensureDeferred
+async def test_bad_pid_is_refused_before_any_request(daemon, http, pid):
+    # Control: a bad PID that does reach the server is counted.
+    await post_json(http, daemon.public_url + "/api/v1/redeem", {"pid": "xyz"})
+    invalid = daemon.metrics.redeems.labels("invalid")._value.get()
+    total = redeem_requests(daemon)
+    assert invalid == total == 1
+    code, out, err = await cli("redeem", pid, "--url", daemon.public_url)
+    assert code == 2 and out == ""
+    one_error_line(err, "invalid payment id")
+    assert daemon.metrics.redeems.labels("invalid")._value.get() == invalid
+    assert redeem_requests(daemon) == total
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_token_is_refused_locally(daemon):
+    before = daemon.metrics.token_lookups.labels("invalid")._value.get()
+    code, _, err = await cli("status", "zz" * 32, "--url", daemon.public_url)
+    assert code == 2
+    one_error_line(err, "invalid token")
+    assert daemon.metrics.token_lookups.labels("invalid")._value.get() == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoked_token_exits_5(daemon, http):
+    await daemon.store.record_transfers([transfer(PID, 1, amount=5)], now=1)
+    _, out, _ = await cli("redeem", "--json", PID, "--url", daemon.public_url)
+    token = json.loads(out)["service_token"]
+    code, _, _ = await post_json(http, f"{daemon.internal_url}/api/v1/token/{token}/revoke", {})
+    assert code == 200
+    code, out, err = await cli("status", token, "--url", daemon.public_url)
+    assert (code, err) == (5, "")
+    assert re.search(r"^status: +revoked$", out, re.M)
+    assert re.search(r"^revoked at: +\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", out, re.M)
+
+
+# --------------------------------------------------------------------------- network trouble
+
+
+async def closed_port_url() -> str:
+    port = reactor.listenTCP(0, Site(Resource()), interface="127.0.0.1")
+    number = port.getHost().port
+    await port.stopListening()
+    return f"http://127.0.0.1:{number}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_server_is_one_line_exit_1():
+    url = await closed_port_url()
+    for argv in (["redeem", PID], ["status", "ab" * 32]):
+        code, out, err = await cli(*argv, "--url", url, "--timeout", "5")
+        assert code == 1 and out == ""
+        one_error_line(err, f"cannot reach {url}: ")
+
+
+@pytest.mark.parametrize("url", ["http://abcdefghij234567.onion", "http://X.ONION./base"])
+@pytest_twisted.ensureDeferred
+async def test_onion_url_needs_socks(url):
+    for argv in (["redeem", PID], ["status", "ab" * 32]):
+        code, out, err = await cli(*argv, "--url", url)
+        assert code == 1 and out == ""
+        one_error_line(err, ONION_NEEDS_SOCKS)
+
+
+class Hostile(Resource):
+    """Serves one answer; ``mode`` picks how it misbehaves.  ``gone`` fires once the client
+    hangs up, so a test can see the connection was really dropped, not just abandoned."""
+
+    isLeaf = True
+
+    def __init__(self, mode: str, code: int = 200, body: bytes = b"") -> None:
+        super().__init__()
+        self.mode, self.code, self.body = mode, code, body
+        self.gone: Deferred[None] = Deferred()
+        self.sent = 0
+
+    def render(self, request):
+        request.setResponseCode(self.code)
+        request.setHeader(b"content-type", b"application/json")
+        request.notifyFinish().addBoth(lambda _: self.gone.callback(None))
+        if self.mode == "fixed":
+            return self.body
+        if self.mode == "declared":
+            request.setHeader(b"content-length", b"%d" % 10**9)
+        if self.mode == "silent":
+            return NOT_DONE_YET  # not even the headers
+        request.write(b'{"status": "')
+        if self.mode in ("endless", "declared"):
+            self.pump(request)
+        return NOT_DONE_YET  # "stall": headers and a bit of body, then silence
+
+    def pump(self, request) -> None:
+        if not self.gone.called and self.sent < 2**26:
+            request.write(b"x" * 16384)
+            self.sent += 16384
+            reactor.callLater(0, self.pump, request)
+
+
+@pytest_twisted.async_yield_fixture
+async def serve():
+    ports = []
+
+    def start(resource: Resource) -> str:
+        ports.append(reactor.listenTCP(0, Site(resource), interface="127.0.0.1"))
+        return f"http://127.0.0.1:{ports[-1].getHost().port}"
+
+    yield start
+    for port in ports:
+        await port.stopListening()
+
+
+@pytest.mark.parametrize("mode", ["endless", "declared"])
+@pytest_twisted.ensureDeferred
+async def test_huge_body_is_cut_off_at_the_cap(serve, mode):
+    server = Hostile(mode)
+    code, out, err = await cli("redeem", PID, "--url", serve(server), "--timeout", "10")
+    assert code == 1 and out == ""
+    one_error_line(err, "answer exceeds 64 KiB")
+    await server.gone.addTimeout(5, reactor)  # the client really hung up
+    assert server.sent < 2**20
+
+
+@pytest.mark.parametrize("mode", ["silent", "stall"])
+@pytest_twisted.ensureDeferred
+async def test_timeout_covers_headers_and_body(serve, mode):
+    server = Hostile(mode)
+    code, out, err = await cli("status", "ab" * 32, "--url", serve(server), "--timeout", "0.3")
+    assert code == 1 and out == ""
+    one_error_line(err, "no complete answer from http://127.0.0.1:")
+    assert "within 0.3 s" in err
+    await server.gone.addTimeout(5, reactor)
+
+
+@pytest.mark.parametrize(
+    ("code", "body", "exit_code", "message"),
+    [
+        (500, b"<html>oops</html>", 1, "HTTP 500 without a JSON object"),
+        (503, b'{"error": "busy \\u001b[31m"}', 1, "the server answered HTTP 503: busy ?[31m"),
+        (400, b'{"error": "no such thing"}', 2, "no such thing"),
+        (200, b'{"status": "success", "service_token": "zz", "balance": 1}', 1, "unexpected"),
+        (200, b'{"status": "success", "service_token": "' + b"a" * 64 + b'"}', 1, "unexpected"),
+        (202, b'{"status": "pending", "confirmations": true, "required": 1}', 1, "unexpected"),
+        (200, b"[" * 60000, 1, "without a JSON object"),
+        (302, b"{}", 1, "HTTP 302"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_odd_answers_are_reported_not_trusted(serve, code, body, exit_code, message):
+    url = serve(Hostile("fixed", code, body))
+    got, out, err = await cli("redeem", PID, "--url", url, "--timeout", "10")
+    assert got == exit_code and out == ""
+    one_error_line(err, message)
+
+
+# --------------------------------------------------------------------------- console script
+
+
+def script(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "anonticket.client", *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_console_script_new():
+    done = script("new", "--address", PRIMARY)
+    assert done.returncode == 0, done.stderr
+    pid, integrated = NEW_OUTPUT.fullmatch(done.stdout).groups()
+    assert split_integrated_address(integrated) == (PRIMARY, bytes.fromhex(pid))
+    assert done.stderr == PID_IS_SECRET + "\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_script_exit_code_and_one_line_error():
+    url = await closed_port_url()
+    done = script("redeem", PID, "--url", url, "--timeout", "5")
+    assert done.returncode == 1 and done.stdout == ""
+    one_error_line(done.stderr, "cannot reach")

@@ -1,0 +1,223 @@
+"""End to end against the genuine monerod and monero-wallet-rpc on a private regtest chain.
+
+The daemon under test is the real ``twistd -n anonticket`` process, its monitor reading the
+merchant's *view-only* wallet through HTTP Digest (``--rpc-login``); the payer pays integrated
+addresses made by ``anonticket-client new`` and redeems with ``anonticket-client redeem``.  Every
+test drives blocks explicitly; nothing waits on wall-clock block times.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .daemonproc import Daemon, client
+from .monero_regtest import Regtest, WalletRPC, available
+
+pytestmark = pytest.mark.skipif(not available(), reason="monerod/monero-wallet-rpc not installed")
+
+N = 10  # --min-confirmations
+XMR = 10**12
+LOGIN = ("monitor", "digest-s3cret")
+
+
+class Chain:
+    def __init__(self, rt: Regtest, payer: WalletRPC, merchant: WalletRPC, watch: WalletRPC):
+        self.rt, self.payer, self.merchant, self.watch = rt, payer, merchant, watch
+
+    def mine(self, n: int) -> int:
+        height = self.rt.mine(n)
+        self.payer.refresh()
+        return height
+
+    def new_payment_address(self) -> tuple[str, str]:
+        code, out = client("new", "--address", self.merchant.address)
+        assert code == 0, out
+        # Byte for byte what the wallet itself makes for this payment id.
+        assert self.merchant.make_integrated_address(out["pid"]) == out["integrated_address"]
+        assert self.merchant.split_integrated_address(out["integrated_address"]) == (
+            self.merchant.address,
+            out["pid"],
+        )
+        return out["pid"], out["integrated_address"]
+
+
+@pytest.fixture(scope="module")
+def chain() -> Iterator[Chain]:
+    with Regtest() as rt:
+        payer = rt.wallet("payer")
+        merchant = rt.wallet("merchant")
+        watch = rt.view_only_wallet(merchant, "merchant-watch", login=LOGIN)
+        rt.fund(payer, blocks=160)
+        yield Chain(rt, payer, merchant, watch)
+
+
+@pytest.fixture(scope="module")
+def daemon(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = Daemon(
+        tmp_path_factory.mktemp("e2e") / "data",
+        "--wallet-rpc",
+        chain.watch.url,
+        "--wallet-rpc-login",
+        ":".join(LOGIN),
+        "--min-confirmations",
+        str(N),
+        "--poll-interval",
+        "0.2",
+    ).start()
+    d.wait_for_height(chain.rt.daemon_height())
+    yield d
+    code = d.stop()
+    log = d.log_text()
+    assert "Traceback" not in log, log
+    assert code in (0, -15), log
+
+
+def redeem(daemon: Daemon, pid: str) -> tuple[int, Any]:
+    return client("redeem", pid, "--url", daemon.public_url)
+
+
+def settle(chain: Chain, daemon: Daemon, blocks: int) -> int:
+    """Mine blocks and wait until the monitor has polled at the new height."""
+    height = chain.mine(blocks)
+    daemon.wait_for_height(height)
+    return height
+
+
+def test_pay_pending_then_redeemable_exactly_at_n_confirmations(chain, daemon):
+    pid, address = chain.new_payment_address()
+    assert redeem(daemon, pid)[0] == 4  # nothing paid yet: 404
+    txid = chain.payer.transfer(address, 3 * XMR // 2)
+    # In the pool: the monitor sees it at its next poll.
+    deadline = time.monotonic() + 10
+    while (result := redeem(daemon, pid))[0] == 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert result == (3, {"status": "pending", "confirmations": 0, "required": N})
+    settle(chain, daemon, 1)
+    assert redeem(daemon, pid) == (3, {"status": "pending", "confirmations": 1, "required": N})
+    settle(chain, daemon, N - 2)
+    assert redeem(daemon, pid) == (3, {"status": "pending", "confirmations": N - 1, "required": N})
+    settle(chain, daemon, 1)  # exactly N confirmations
+    code, body = redeem(daemon, pid)
+    assert code == 0 and body["status"] == "success" and body["balance"] == 3 * XMR // 2
+    code, again = redeem(daemon, pid)
+    assert code == 0 and again == {**body, "status": "already_claimed"}
+    code, status = client("status", body["service_token"], "--url", daemon.public_url)
+    assert code == 0 and status["status"] == "active" and status["balance"] == 3 * XMR // 2
+    assert txid not in daemon.log_text() and pid not in daemon.log_text()
+
+
+def test_a_second_payment_to_the_same_pid_tops_the_token_up(chain, daemon):
+    pid, address = chain.new_payment_address()
+    chain.payer.transfer(address, XMR)
+    settle(chain, daemon, N)
+    code, first = redeem(daemon, pid)
+    assert code == 0 and first["status"] == "success" and first["balance"] == XMR
+    chain.payer.transfer(address, XMR // 4)
+    settle(chain, daemon, N)
+    code, topped = redeem(daemon, pid)
+    assert code == 0 and topped["status"] == "already_claimed"
+    assert topped["service_token"] == first["service_token"]
+    assert topped["balance"] == XMR + XMR // 4
+
+
+def test_a_payment_to_the_plain_address_is_never_redeemable(chain, daemon):
+    before = daemon.metric('anonticket_monitor_skipped_transfers_total{reason="no_payment_id"}')
+    chain.payer.transfer(chain.merchant.address, XMR)
+    settle(chain, daemon, N + 1)
+    # The wallet reports it with the dummy payment id 0000000000000000: skipped, not stored.
+    after = daemon.metric('anonticket_monitor_skipped_transfers_total{reason="no_payment_id"}')
+    assert after == before + 1
+    assert redeem(daemon, "0000000000000000")[0] == 2  # and the all-zero PID is refused
+
+
+def test_a_payment_below_min_amount_is_never_redeemable(chain, daemon):
+    pid, address = chain.new_payment_address()
+    chain.payer.transfer(address, 10**10 - 1)  # one atomic unit below 0.01 XMR
+    settle(chain, daemon, N + 1)
+    code, body = redeem(daemon, pid)
+    assert code == 4 and "minimum" in str(body)
+
+
+def test_a_reorg_before_n_confirmations_credits_nothing(chain, daemon):
+    pid, address = chain.new_payment_address()
+    chain.payer.transfer(address, 2 * XMR)
+    mined_at = settle(chain, daemon, 3) - 3  # the tx is in block index mined_at
+    assert redeem(daemon, pid)[0] == 3
+    # Replace the tx's block and everything above with a longer chain without it.
+    height = chain.rt.reorg(mined_at - 1)
+    chain.payer.refresh()
+    daemon.wait_for_height(height)
+    settle(chain, daemon, N + 1)
+    assert redeem(daemon, pid)[0] == 4  # pending forgotten: the payment does not exist
+    assert daemon.metric("anonticket_monitor_flagged_transfers_total") == 0
+
+
+def _cursor(daemon: Daemon) -> int | None:
+    db = sqlite3.connect(Path(daemon.data_dir) / "anonticket.sqlite3")
+    try:
+        row = db.execute("SELECT value FROM monitor_state WHERE name = 'cursor'").fetchone()
+        return None if row is None else int(row[0])
+    finally:
+        db.close()
+
+
+def test_sigkill_mid_scan_and_restart_credits_every_payment_exactly_once(chain, daemon):
+    rng = random.Random(5)
+    payments: dict[str, int] = {}
+    daemon.kill()  # the monitor falls behind while payments arrive
+    try:
+        for _ in range(6):
+            pid, address = chain.new_payment_address()
+            amount = rng.randrange(2 * 10**10, 4 * 10**11)
+            chain.payer.transfer(address, amount)
+            payments[pid] = amount
+            chain.mine(3)
+        height = chain.mine(N)
+        # Restart and kill it again while it scans the backlog: the monitor's first poll starts
+        # as the daemon starts listening, so these delays land before and inside it; the last
+        # kill comes right after the batch committed.
+        before = _cursor(daemon)
+        cursors = []
+        for delay in (0.0, 0.03, 0.06, 0.09, 0.12, 0.15, 0.2):
+            daemon.start()
+            time.sleep(delay)
+            daemon.kill()
+            cursors.append(_cursor(daemon))
+        daemon.start()
+        deadline = time.monotonic() + 30
+        while _cursor(daemon) != height - N and time.monotonic() < deadline:
+            time.sleep(0.005)
+        daemon.kill()
+        cursors.append(_cursor(daemon))
+    finally:
+        daemon.start()
+    # Killed before its batch committed, the daemon left the cursor where it was; after, at the
+    # target.  Never anywhere in between: the batch and the cursor are one transaction.
+    assert cursors[0] == before and cursors[-1] == height - N, cursors
+    assert set(cursors) <= {before, height - N}, cursors
+    daemon.wait_for_height(height)
+    balances = {}
+    for pid, amount in payments.items():
+        code, body = redeem(daemon, pid)
+        assert code == 0, body
+        balances[pid] = body["balance"]
+        assert body["balance"] == amount
+    # The database agrees: every claimed payment belongs to a token, nothing counted twice.
+    db = sqlite3.connect(Path(daemon.data_dir) / "anonticket.sqlite3")
+    claimed, tokens = db.execute(
+        "SELECT (SELECT sum(amount) FROM payments WHERE status = 2), "
+        "(SELECT sum(balance) FROM tokens)"
+    ).fetchone()
+    assert claimed == tokens
+    dup = db.execute(
+        "SELECT count(*) FROM (SELECT txid FROM payments GROUP BY txid, subaddr_major, "
+        "subaddr_minor HAVING count(*) > 1)"
+    ).fetchone()[0]
+    assert dup == 0
