@@ -9,11 +9,14 @@ from __future__ import annotations
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Enum,
     Gauge,
     Histogram,
     Info,
     disable_created_metrics,
 )
+
+ONION_STATES = ("disabled", "starting", "publishing", "published", "failed")
 
 from anonticket import __version__
 
@@ -130,6 +133,15 @@ class Metrics:
             "Credited transfers the wallet stopped reporting within the re-check window.",
             registry=r,
         )
+        self.onion_state = Enum(
+            "anonticket_onion_state",
+            "State of the public site's onion service: disabled (not published as an onion), "
+            "starting (connecting to or launching tor), publishing (waiting for the descriptor "
+            "upload), published, failed (retrying).",
+            states=list(ONION_STATES),
+            registry=r,
+        )
+        self.onion_state.state("disabled")
         self.requests_in_flight = Gauge(
             "anonticket_http_requests_in_flight",
             "Requests being answered now, by site.",
