@@ -16,9 +16,9 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-ONION_STATES = ("disabled", "starting", "publishing", "published", "failed")
-
 from anonticket import __version__
+
+ONION_STATES = ("disabled", "starting", "publishing", "published", "failed")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
