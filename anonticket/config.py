@@ -153,7 +153,7 @@ def _database(value: str | None, data_dir: Path) -> str:
     if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
         return value
     if value.startswith(("postgresql://", "postgres://")):
-        raise ConfigError("--database: PostgreSQL is not supported by this version yet")
+        return value
     raise ConfigError(f"--database: expected sqlite:///PATH or postgresql://..., got {value!r}")
 
 

@@ -27,6 +27,8 @@ from anonticket.tap import AnonticketService, build
 from anonticket.web.service import SiteService
 
 from .fakewallet import fake  # noqa: F401 - the stand-in wallet fixture, for fault tests
+from .pgserver import PostgresServer
+from .pgserver import available as pg_available
 
 reactor: Any = _reactor
 
@@ -52,6 +54,25 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s.open()
     yield s
     s.close()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the whole run; each test takes a fresh database."""
+    if not pg_available():
+        pytest.skip("PostgreSQL server binaries are not installed (apt-get install postgresql)")
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of each backend: tests using it run on both."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    return server.new_database()
 
 
 @dataclass

@@ -89,7 +89,6 @@ def test_every_setting_is_an_option_and_named_in_help():
         (["--wallet-rpc", "http://u:p@127.0.0.1:1"], {}, "--wallet-rpc: put credentials"),
         (["--wallet-rpc-login", "nopassword"], {}, "--wallet-rpc-login: expected user:password"),
         (["--database", "mysql://x"], {}, "--database: expected sqlite:///PATH"),
-        (["--database", "postgresql://db"], {}, "--database: PostgreSQL is not supported"),
         (["--public", "ssl:443"], {}, "--public: unsupported endpoint type"),
         (["--public", "nonsense"], {}, "--public: expected an endpoint"),
         ([], {"ANONTICKET_NO_MONITOR": "maybe"}, "ANONTICKET_NO_MONITOR: expected 1/true"),

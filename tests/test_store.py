@@ -6,7 +6,9 @@ import random
 import sqlite3
 import stat
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 import pytest_twisted
 from twisted.internet.defer import gatherResults
@@ -26,6 +28,22 @@ from .conftest import reactor, transfer
 
 PID = PaymentId.parse("0123456789abcdef")
 OTHER = PaymentId.parse("fedcba9876543210")
+
+
+@pytest.fixture
+def store(database_url, tmp_path):
+    """Every store test runs on SQLite and on PostgreSQL."""
+    s = Store(reactor, database_url, tmp_path)
+    s.open()
+    yield s
+    s.close()
+
+
+def another(store: Store) -> Store:
+    """A second Store (its own pool) on the same database and key, like a second node."""
+    other = Store(reactor, store._database, store._data_dir)
+    other.open()
+    return other
 
 
 @pytest_twisted.ensureDeferred
@@ -134,12 +152,10 @@ async def test_concurrent_redeems_of_one_pid_claim_exactly_once(store):
 
 
 @pytest_twisted.ensureDeferred
-async def test_two_pools_on_one_file_claim_exactly_once_without_lock_errors(tmp_path):
-    """Two stores (two connections, two threads) on one SQLite file: real write contention."""
-    a = Store(reactor, f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path)
-    b = Store(reactor, f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path)
-    a.open()
-    b.open()
+async def test_two_pools_on_one_database_claim_exactly_once_without_lock_errors(store):
+    """Two stores (two pools, their own connections and threads) on one database: real write
+    contention, as with two daemons on one PostgreSQL or a tool beside the daemon on SQLite."""
+    a, b = store, another(store)
     try:
         pids = [PaymentId((i + 1).to_bytes(8, "big")) for i in range(20)]
         await a.record_transfers(
@@ -153,7 +169,6 @@ async def test_two_pools_on_one_file_claim_exactly_once_without_lock_errors(tmp_
             assert len({r.token for r in mine}) == 1
             assert {r.balance for r in mine} == {100 + i}
     finally:
-        a.close()
         b.close()
 
 
@@ -204,13 +219,26 @@ async def test_listeners_hear_of_payable_pids_only_after_commit(store):
 
 
 @pytest_twisted.ensureDeferred
-async def test_database_holds_no_pid_or_token_bytes(store, tmp_path):
+async def test_database_holds_no_pid_or_token_bytes(store, tmp_path, request):
     rng = random.Random(7)  # random bytes: short runs of zeros would be found anywhere
     pids = [PaymentId(rng.randbytes(8)) for _ in range(30)]
     await store.record_transfers([transfer(p.raw, i) for i, p in enumerate(pids, 1)], now=1)
     tokens = [(await store.redeem(p, 2)).token for p in pids]
-    store.close()  # checkpoint the WAL so everything is in the files we read
-    blob = b"".join(f.read_bytes() for f in tmp_path.iterdir() if f.name.startswith("db.sqlite3"))
+    store.close()  # SQLite: checkpoint the WAL into the files we read
+    if store._database.startswith("sqlite:"):
+        files = [f for f in tmp_path.iterdir() if f.name.startswith("db.sqlite3")]
+    else:
+        server = request.getfixturevalue("pg_server")
+        name = urlsplit(store._database).path.lstrip("/")
+        with psycopg.connect(server.conninfo("postgres"), autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
+            oid = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (name,))
+            oid = oid.fetchone()[0]
+        # The database's own files (every table and index) and the write-ahead log.
+        folders = [server.data / "base" / str(oid), server.data / "pg_wal"]
+        files = [f for folder in folders for f in folder.rglob("*") if f.is_file()]
+    blob = b"".join(f.read_bytes() for f in files)
+    assert len(blob) > 10_000
     for secret in [p.raw for p in pids] + [t.raw for t in tokens]:
         assert secret not in blob
         assert secret.hex().encode() not in blob
@@ -256,12 +284,17 @@ def test_a_failing_migration_rolls_back_completely(tmp_path):
     assert "a" not in names
 
 
-def test_pool_connections_get_every_pragma(store):
-    conn = store._pool.connect()  # the pool's own connection, as its thread would use it
-    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
-    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+def test_pool_connections_get_every_pragma(tmp_path):
+    store = Store(reactor, f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path)
+    store.open()
+    try:
+        conn = store._pool.connect()  # the pool's own connection, as its thread would use it
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        store.close()
 
 
 def test_data_dir_and_key_permissions(store, tmp_path):

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from anonticket.domain import PaymentId, ServiceToken
 from anonticket.keys import Tagger, load_or_create_secret_key, prepare_data_dir
 from anonticket.store import queries
-from anonticket.store.dialect import DatabaseError, SQLiteDialect, dialect_for
+from anonticket.store.dialect import DatabaseError, Dialect, dialect_for
 from anonticket.store.records import (
     MonitorState,
     PaymentStatus,
@@ -42,7 +42,7 @@ class Store:
         self._reactor = reactor
         self._database = database
         self._data_dir = data_dir
-        self._dialect: SQLiteDialect = dialect_for(database)
+        self._dialect: Dialect = dialect_for(database)
         self._pool: adbapi.ConnectionPool | None = None
         self._tagger: Tagger | None = None
         # Called with each PID the monitor records as payable, after its batch commits, so a
@@ -134,7 +134,7 @@ class Store:
         return self._run(queries.ping)
 
 
-def migrate(dialect: SQLiteDialect) -> int:
+def migrate(dialect: Dialect) -> int:
     """Bring the schema up to date; each migration once, in order, in its own transaction."""
     try:
         conn = dialect.connect()

@@ -1,8 +1,8 @@
 """The tiny seam between the store's SQL and a database driver.
 
-Everything that differs between SQLite and (later) PostgreSQL lives here: the DB-API module
-adbapi loads, how a connection is set up, how a write transaction begins, the parameter style,
-and which migration files apply.  Queries are written once, with ``?`` placeholders.
+Everything that differs between SQLite and PostgreSQL lives here: the DB-API module adbapi
+loads, how a connection is set up, how a write transaction begins, the parameter style, and
+which migration files apply.  Queries are written once, with ``?`` placeholders.
 """
 
 from __future__ import annotations
@@ -10,13 +10,54 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Final
+from typing import Any, Final, Protocol
+from urllib.parse import urlsplit
 
 MIN_SQLITE: Final = (3, 35, 0)  # UPDATE ... RETURNING
 
 
 class DatabaseError(Exception):
     """The database cannot be opened or migrated; the message is safe for a log line."""
+
+
+class Dialect(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def module(self) -> str:
+        """The DB-API module adbapi loads."""
+
+    @property
+    def begin_write(self) -> str:
+        """The statement that starts a write transaction, taking the write lock up front."""
+
+    def check_driver(self) -> None: ...
+
+    def sql(self, text: str) -> str: ...
+
+    def connect_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]: ...
+
+    def on_connect(self, conn: Any) -> None: ...
+
+    def connect(self) -> Any: ...
+
+    def pool_kwargs(self) -> dict[str, Any]: ...
+
+    def migrations(self) -> list[tuple[int, str]]: ...
+
+    def apply_migration(self, conn: Any, version: int, script: str) -> bool: ...
+
+    def schema_version(self, conn: Any) -> int: ...
+
+
+def _migrations(name: str) -> list[tuple[int, str]]:
+    folder = resources.files("anonticket.store") / "migrations" / name
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text("utf-8")))
+    return sorted(found)
 
 
 @dataclass(frozen=True)
@@ -67,12 +108,7 @@ class SQLiteDialect:
         return {"cp_min": 1, "cp_max": 1}
 
     def migrations(self) -> list[tuple[int, str]]:
-        folder = resources.files("anonticket.store") / "migrations" / self.name
-        found = []
-        for entry in folder.iterdir():
-            if entry.name.endswith(".sql"):
-                found.append((int(entry.name.split("_", 1)[0]), entry.read_text("utf-8")))
-        return sorted(found)
+        return _migrations(self.name)
 
     def apply_migration(self, conn: Any, version: int, script: str) -> bool:
         """Apply one migration atomically; False if another process got there first."""
@@ -121,7 +157,80 @@ def _statements(script: str) -> list[str]:
     return statements
 
 
-def dialect_for(database: str) -> SQLiteDialect:
+# Every node migrating one PostgreSQL database takes this lock first (any constant will do).
+_MIGRATION_LOCK: Final = 0x616E6F6E  # "anon"
+
+
+@dataclass(frozen=True)
+class PostgresDialect:
+    """PostgreSQL through psycopg 3: several nodes can share one database.
+
+    Connections run in autocommit mode and write units say BEGIN themselves, as with SQLite;
+    under READ COMMITTED the claim's ``UPDATE ... RETURNING`` makes a concurrent loser wait on
+    the row lock, re-check, and get no row, which is what exactly-once needs.
+    """
+
+    url: str
+    connect_timeout: int = 10
+    statement_timeout_ms: int = 30_000
+    name: str = "postgresql"
+    module: str = "psycopg"
+    begin_write: str = "BEGIN"
+
+    def check_driver(self) -> None:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise DatabaseError(
+                "--database: PostgreSQL needs psycopg: pip install 'anonticket[postgresql]'"
+            ) from None
+
+    def sql(self, text: str) -> str:
+        return text.replace("?", "%s")
+
+    def connect_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self.url,), {"autocommit": True, "connect_timeout": self.connect_timeout}
+
+    def on_connect(self, conn: Any) -> None:
+        conn.execute(f"SET statement_timeout = {int(self.statement_timeout_ms)}")
+
+    def connect(self) -> Any:
+        import psycopg
+
+        args, kwargs = self.connect_args()
+        conn = psycopg.connect(*args, **kwargs)
+        self.on_connect(conn)
+        return conn
+
+    def pool_kwargs(self) -> dict[str, Any]:
+        # Several connections: PostgreSQL takes concurrent writers; a broken connection (a
+        # restarted server) is replaced instead of failing every later call.
+        return {"cp_min": 1, "cp_max": 4, "cp_reconnect": True}
+
+    def migrations(self) -> list[tuple[int, str]]:
+        return _migrations(self.name)
+
+    def apply_migration(self, conn: Any, version: int, script: str) -> bool:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            current = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+            if current >= version:
+                return False
+            conn.execute(script)  # no parameters: several statements are allowed
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+        return True
+
+    def schema_version(self, conn: Any) -> int:
+        if conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+            return 0
+        return int(conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0)
+
+
+def dialect_for(database: str) -> Dialect:
     if database.startswith("sqlite:///"):
         return SQLiteDialect(database[len("sqlite:///") :])
-    raise DatabaseError("only sqlite:/// databases are supported by this version")
+    if urlsplit(database).scheme in ("postgresql", "postgres"):
+        return PostgresDialect(database)
+    raise DatabaseError("--database: expected sqlite:///PATH or postgresql://...")

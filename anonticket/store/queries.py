@@ -12,7 +12,7 @@ from typing import Any
 
 from anonticket.domain import PaymentId, derive_service_token
 from anonticket.keys import Tagger
-from anonticket.store.dialect import SQLiteDialect
+from anonticket.store.dialect import Dialect
 from anonticket.store.records import (
     BelowMinimum,
     MonitorState,
@@ -32,7 +32,7 @@ _CURSOR = "cursor"
 _WALLET_HEIGHT = "wallet_height"
 
 
-def redeem(txn: Txn, d: SQLiteDialect, tagger: Tagger, pid: PaymentId, now: int) -> RedeemResult:
+def redeem(txn: Txn, d: Dialect, tagger: Tagger, pid: PaymentId, now: int) -> RedeemResult:
     """Claim every confirmed, unclaimed payment of ``pid`` and credit it to the PID's token.
 
     The claim is decided by the rows the UPDATE returns, never by a prior SELECT or by
@@ -120,7 +120,7 @@ def _token_record(row: Sequence[Any]) -> TokenRecord:
 _TOKEN_COLUMNS = "balance, issued_at, revoked_at, revoke_reason, abuse_score"
 
 
-def token_status(txn: Txn, d: SQLiteDialect, token_tag: bytes) -> TokenRecord | None:
+def token_status(txn: Txn, d: Dialect, token_tag: bytes) -> TokenRecord | None:
     row = txn.execute(
         d.sql(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_tag = ?"), (token_tag,)
     ).fetchone()
@@ -129,7 +129,7 @@ def token_status(txn: Txn, d: SQLiteDialect, token_tag: bytes) -> TokenRecord | 
 
 def revoke(
     txn: Txn,
-    d: SQLiteDialect,
+    d: Dialect,
     token_tag: bytes,
     reason: str | None,
     abuse_score: int | None,
@@ -153,7 +153,7 @@ def revoke(
 
 def record_transfers(
     txn: Txn,
-    d: SQLiteDialect,
+    d: Dialect,
     tagger: Tagger,
     transfers: Sequence[Transfer],
     now: int,
@@ -222,7 +222,7 @@ def record_transfers(
 
 
 def _recheck(
-    txn: Txn, d: SQLiteDialect, reported: Sequence[Transfer], above: int, now: int
+    txn: Txn, d: Dialect, reported: Sequence[Transfer], above: int, now: int
 ) -> tuple[int, int]:
     seen = {(t.txid, t.subaddr_major, t.subaddr_minor) for t in reported}
     rows = txn.execute(
@@ -250,14 +250,14 @@ def _recheck(
     return flagged, forgotten
 
 
-def _state(txn: Txn, d: SQLiteDialect) -> MonitorState:
+def _state(txn: Txn, d: Dialect) -> MonitorState:
     rows = dict(txn.execute(d.sql("SELECT name, value FROM monitor_state")).fetchall())
     return MonitorState(cursor=rows.get(_CURSOR), wallet_height=rows.get(_WALLET_HEIGHT))
 
 
-def monitor_state(txn: Txn, d: SQLiteDialect) -> MonitorState:
+def monitor_state(txn: Txn, d: Dialect) -> MonitorState:
     return _state(txn, d)
 
 
-def ping(txn: Txn, d: SQLiteDialect) -> bool:
+def ping(txn: Txn, d: Dialect) -> bool:
     return txn.execute("SELECT 1").fetchone() is not None
