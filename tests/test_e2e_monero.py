@@ -8,10 +8,14 @@ test drives blocks explicitly; nothing waits on wall-clock block times.
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +225,71 @@ def test_sigkill_mid_scan_and_restart_credits_every_payment_exactly_once(chain, 
         "subaddr_minor HAVING count(*) > 1)"
     ).fetchone()[0]
     assert dup == 0
+
+
+def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_two_nodes_on_one_postgresql_credit_every_payment_exactly_once(chain, pg_server, tmp_path):
+    database = pg_server.new_database()
+    monitor_node = Daemon(
+        tmp_path / "a",
+        "--database",
+        database,
+        "--wallet-rpc",
+        chain.watch.url,
+        "--wallet-rpc-login",
+        ":".join(LOGIN),
+        "--min-confirmations",
+        str(N),
+        "--poll-interval",
+        "0.2",
+    ).start()
+    try:
+        # Every node must share the secret key: PIDs and tokens are stored as tags keyed by it.
+        (tmp_path / "b").mkdir(mode=0o700)
+        key = tmp_path / "b" / "secret.key"
+        key.write_bytes((tmp_path / "a" / "secret.key").read_bytes())
+        key.chmod(0o600)
+        api_node = Daemon(tmp_path / "b", "--database", database, "--no-monitor").start()
+        try:
+            payments = {}
+            for i in range(6):
+                pid, address = chain.new_payment_address()
+                payments[pid] = (i + 1) * 10**11
+                chain.payer.transfer(address, payments[pid])
+            height = chain.mine(N)
+            monitor_node.wait_for_height(height)
+            urls = [monitor_node.public_url, api_node.public_url] * 4
+            jobs = [(pid, url) for pid in payments for url in urls]
+            random.Random(3).shuffle(jobs)
+            with ThreadPoolExecutor(max_workers=12) as pool:
+                results = list(
+                    pool.map(
+                        lambda job: (job[0], *_post(job[1] + "/api/v1/redeem", {"pid": job[0]})),
+                        jobs,
+                    )
+                )
+            assert {code for _, code, _ in results} == {200}
+            for pid, amount in payments.items():
+                mine = [body for p, _, body in results if p == pid]
+                assert [b["status"] for b in mine].count("success") == 1
+                assert {b["service_token"] for b in mine} == {mine[0]["service_token"]}
+                assert {b["balance"] for b in mine} == {amount}
+            # The API node sees the monitor node's cursor through the shared database.
+            assert api_node.health()["cursor"] == monitor_node.health()["cursor"]
+            assert api_node.health()["monitor"] == "disabled"
+        finally:
+            assert api_node.stop() in (0, -15)
+    finally:
+        assert monitor_node.stop() in (0, -15)
+    for node in (monitor_node, api_node):
+        assert "Traceback" not in node.log_text()
