@@ -34,6 +34,13 @@ LOGIN = ("monitor", "digest-s3cret")
 class Chain:
     def __init__(self, rt: Regtest, payer: WalletRPC, merchant: WalletRPC, watch: WalletRPC):
         self.rt, self.payer, self.merchant, self.watch = rt, payer, merchant, watch
+        # Every secret and payment detail the tests create, for the privacy check at the end.
+        self.secrets: set[str] = set()
+
+    def pay(self, address: str, amount: int) -> str:
+        txid = self.payer.transfer(address, amount)
+        self.secrets.update({txid, str(amount)})
+        return txid
 
     def mine(self, n: int) -> int:
         height = self.rt.mine(n)
@@ -49,6 +56,7 @@ class Chain:
             self.merchant.address,
             out["pid"],
         )
+        self.secrets.add(out["pid"])
         return out["pid"], out["integrated_address"]
 
 
@@ -83,8 +91,14 @@ def daemon(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
     assert code in (0, -15), log
 
 
+TOKENS: set[str] = set()
+
+
 def redeem(daemon: Daemon, pid: str) -> tuple[int, Any]:
-    return client("redeem", pid, "--url", daemon.public_url)
+    code, body = client("redeem", pid, "--url", daemon.public_url)
+    if isinstance(body, dict) and "service_token" in body:
+        TOKENS.add(body["service_token"])
+    return code, body
 
 
 def settle(chain: Chain, daemon: Daemon, blocks: int) -> int:
@@ -97,7 +111,7 @@ def settle(chain: Chain, daemon: Daemon, blocks: int) -> int:
 def test_pay_pending_then_redeemable_exactly_at_n_confirmations(chain, daemon):
     pid, address = chain.new_payment_address()
     assert redeem(daemon, pid)[0] == 4  # nothing paid yet: 404
-    txid = chain.payer.transfer(address, 3 * XMR // 2)
+    txid = chain.pay(address, 3 * XMR // 2)
     # In the pool: the monitor sees it at its next poll.
     deadline = time.monotonic() + 10
     while (result := redeem(daemon, pid))[0] == 4 and time.monotonic() < deadline:
@@ -119,11 +133,11 @@ def test_pay_pending_then_redeemable_exactly_at_n_confirmations(chain, daemon):
 
 def test_a_second_payment_to_the_same_pid_tops_the_token_up(chain, daemon):
     pid, address = chain.new_payment_address()
-    chain.payer.transfer(address, XMR)
+    chain.pay(address, XMR)
     settle(chain, daemon, N)
     code, first = redeem(daemon, pid)
     assert code == 0 and first["status"] == "success" and first["balance"] == XMR
-    chain.payer.transfer(address, XMR // 4)
+    chain.pay(address, XMR // 4)
     settle(chain, daemon, N)
     code, topped = redeem(daemon, pid)
     assert code == 0 and topped["status"] == "already_claimed"
@@ -133,7 +147,7 @@ def test_a_second_payment_to_the_same_pid_tops_the_token_up(chain, daemon):
 
 def test_a_payment_to_the_plain_address_is_never_redeemable(chain, daemon):
     before = daemon.metric('anonticket_monitor_skipped_transfers_total{reason="no_payment_id"}')
-    chain.payer.transfer(chain.merchant.address, XMR)
+    chain.pay(chain.merchant.address, XMR)
     settle(chain, daemon, N + 1)
     # The wallet reports it with the dummy payment id 0000000000000000: skipped, not stored.
     after = daemon.metric('anonticket_monitor_skipped_transfers_total{reason="no_payment_id"}')
@@ -143,7 +157,7 @@ def test_a_payment_to_the_plain_address_is_never_redeemable(chain, daemon):
 
 def test_a_payment_below_min_amount_is_never_redeemable(chain, daemon):
     pid, address = chain.new_payment_address()
-    chain.payer.transfer(address, 10**10 - 1)  # one atomic unit below 0.01 XMR
+    chain.pay(address, 10**10 - 1)  # one atomic unit below 0.01 XMR
     settle(chain, daemon, N + 1)
     code, body = redeem(daemon, pid)
     assert code == 4 and "minimum" in str(body)
@@ -151,7 +165,7 @@ def test_a_payment_below_min_amount_is_never_redeemable(chain, daemon):
 
 def test_a_reorg_before_n_confirmations_credits_nothing(chain, daemon):
     pid, address = chain.new_payment_address()
-    chain.payer.transfer(address, 2 * XMR)
+    chain.pay(address, 2 * XMR)
     mined_at = settle(chain, daemon, 3) - 3  # the tx is in block index mined_at
     assert redeem(daemon, pid)[0] == 3
     # Replace the tx's block and everything above with a longer chain without it.
@@ -180,7 +194,7 @@ def test_sigkill_mid_scan_and_restart_credits_every_payment_exactly_once(chain, 
         for _ in range(6):
             pid, address = chain.new_payment_address()
             amount = rng.randrange(2 * 10**10, 4 * 10**11)
-            chain.payer.transfer(address, amount)
+            chain.pay(address, amount)
             payments[pid] = amount
             chain.mine(3)
         height = chain.mine(N)
@@ -265,7 +279,7 @@ def test_two_nodes_on_one_postgresql_credit_every_payment_exactly_once(chain, pg
             for i in range(6):
                 pid, address = chain.new_payment_address()
                 payments[pid] = (i + 1) * 10**11
-                chain.payer.transfer(address, payments[pid])
+                chain.pay(address, payments[pid])
             height = chain.mine(N)
             monitor_node.wait_for_height(height)
             urls = [monitor_node.public_url, api_node.public_url] * 4
@@ -293,3 +307,18 @@ def test_two_nodes_on_one_postgresql_credit_every_payment_exactly_once(chain, pg
         assert monitor_node.stop() in (0, -15)
     for node in (monitor_node, api_node):
         assert "Traceback" not in node.log_text()
+
+
+def test_no_secret_reached_a_log_line_or_a_metric(chain, daemon):
+    """Runs last: every PID, token, txid and amount of this module against what was logged."""
+    assert chain.secrets and TOKENS, "the tests above ran nothing to check"
+    metrics = daemon.get("/metrics")[1].decode()
+    log = daemon.log_text()
+    for secret in chain.secrets | TOKENS:
+        assert secret not in log, secret
+        for line in metrics.splitlines():
+            if "{" in line:  # a label set: no secret in any label
+                assert secret not in line.split("}")[0], line
+    # The data dir and its keys have the documented modes.
+    assert (daemon.data_dir.stat().st_mode & 0o777) == 0o700
+    assert ((daemon.data_dir / "secret.key").stat().st_mode & 0o777) == 0o600
