@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, NoReturn, TextIO
@@ -21,7 +22,14 @@ import nacl.utils
 from treq.client import HTTPClient
 from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import (
+    IConsumer,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, ResponseDone
@@ -45,7 +53,11 @@ MAX_RESPONSE: Final = 64 * 1024
 DEFAULT_TIMEOUT: Final = 60.0  # Tor circuits to an onion service are slow to build
 ATOMIC_PER_XMR: Final = 10**12
 _MAX_MESSAGE: Final = 300
-ONION_NEEDS_SOCKS: Final = "reaching .onion addresses needs --socks (coming with the Tor support)"
+SOCKS_ENV: Final = "ANONTICKET_SOCKS"
+ONION_NEEDS_SOCKS: Final = (
+    "reaching .onion addresses needs Tor: run a local tor and pass --socks tcp:127.0.0.1:9050 "
+    f"(or set {SOCKS_ENV})"
+)
 EXIT_CODES: Final = """exit codes:
   0  done; the token is active
   1  network, timeout or server error
@@ -130,12 +142,78 @@ async def _new(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO)
 
 
 def make_agent(reactor: Any, args: argparse.Namespace) -> IAgent:
-    """The one place that decides how the server is reached (--socks will plug in here)."""
+    """The one place that decides how the server is reached: through Tor, or directly."""
+    if args.socks:
+        return TorAgent(reactor, args.socks)
     host = (urlsplit(args.url).hostname or "").rstrip(".")
     if host.endswith(".onion"):
         raise ClientError(ONION_NEEDS_SOCKS)
     # Agent's default pool is not persistent: nothing lingers after the one exchange.
     return Agent(reactor, connectTimeout=args.timeout)
+
+
+@implementer(IStreamClientEndpoint)
+class _SocksPort:
+    """The endpoint of tor's SOCKS port.  It keeps the connections it made, because txtorcon
+    cannot cancel a SOCKS handshake (tor holds one open while it builds an onion circuit), so
+    at the deadline we hang up ourselves; and it names the proxy when the proxy is the problem."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, description: str) -> None:
+        self._endpoint = endpoint
+        self._description = description
+        self._protocols: list[IProtocol] = []
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        def made(protocol: IProtocol) -> IProtocol:
+            self._protocols.append(protocol)
+            return protocol
+
+        def failed(reason: Failure) -> NoReturn:
+            reason.trap(ConnectError)
+            where = _printable(self._description)
+            message = _printable(reason.getErrorMessage())
+            raise ClientError(f"cannot reach the Tor SOCKS port {where}: {message}")
+
+        return self._endpoint.connect(factory).addCallbacks(made, failed)
+
+    def hang_up(self) -> None:
+        for protocol in self._protocols:
+            transport = getattr(protocol, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+
+
+@implementer(IAgent)
+class TorAgent:
+    """Sends every request through a Tor SOCKS port.  txtorcon passes the hostname to tor,
+    which resolves it: a .onion has to be, and no DNS query about the server leaves here."""
+
+    def __init__(self, reactor: Any, socks: str) -> None:
+        from txtorcon.web import tor_agent  # here: `new` should not pay for importing txtorcon
+
+        try:
+            endpoint = clientFromString(reactor, socks)
+        except (ValueError, TypeError) as exc:
+            raise ClientError(
+                f"--socks: not a client endpoint like tcp:127.0.0.1:9050 ({_printable(str(exc))})",
+                EXIT_USAGE,
+            ) from None
+        self.socks = socks
+        self._port = _SocksPort(endpoint, socks)
+        # No pool given: Agent's default one is not persistent, as in the direct case.
+        self._agent: IAgent = tor_agent(reactor, self._port)
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        return self._agent.request(method, uri, headers, bodyProducer)
+
+    def hang_up(self) -> None:
+        self._port.hang_up()
 
 
 @implementer(IBodyProducer)
@@ -241,7 +319,8 @@ async def fetch(
     reactor: Any, args: argparse.Namespace, method: str, path: str, payload: bytes | None = None
 ) -> tuple[int, str, dict[str, Any]]:
     """One HTTP exchange: the status, the body text and the JSON object in it."""
-    client = HTTPClient(make_agent(reactor, args), data_to_body_producer=_BytesProducer)
+    agent = make_agent(reactor, args)
+    client = HTTPClient(agent, data_to_body_producer=_BytesProducer)
     exchange = Deferred.fromCoroutine(_exchange(client, method, args.url + path, payload))
 
     def timed_out(result: object, timeout: float) -> NoReturn:
@@ -253,10 +332,13 @@ async def fetch(
     exchange.addTimeout(args.timeout, reactor, onTimeoutCancel=timed_out)
     try:
         code, raw = await exchange
-    except ClientError:
-        raise
     except Exception as exc:
-        raise ClientError(f"cannot reach {args.url}: {_describe(exc)}") from None
+        if isinstance(agent, TorAgent):
+            agent.hang_up()  # a SOCKS handshake cut short by the deadline is still open
+        if isinstance(exc, ClientError):
+            raise
+        via = f" through {_printable(args.socks)}" if args.socks else ""
+        raise ClientError(f"cannot reach {args.url}{via}: {_describe(exc)}") from None
     try:
         text = raw.decode("utf-8")
         body = json.loads(text)
@@ -403,6 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help=f"give up after this long, body included (default {DEFAULT_TIMEOUT:g})",
+    )
+    remote.add_argument(
+        "--socks",
+        # An empty value means none: it lets one call go direct despite the environment.
+        default=os.environ.get(SOCKS_ENV) or None,
+        metavar="ENDPOINT",
+        help="send every request through this Tor SOCKS port, a Twisted client endpoint such "
+        f"as tcp:127.0.0.1:9050 (default: ${SOCKS_ENV}, else direct; .onion needs it)",
     )
     parser = argparse.ArgumentParser(
         prog=PROG,

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +16,22 @@ import nacl.utils
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.web.client import Agent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from anonticket.address import Address, parse_address, split_integrated_address
-from anonticket.client import ONION_NEEDS_SOCKS, PID_IS_SECRET, run
+from anonticket.client import (
+    ONION_NEEDS_SOCKS,
+    PID_IS_SECRET,
+    SOCKS_ENV,
+    ClientError,
+    TorAgent,
+    build_parser,
+    make_agent,
+    run,
+)
 from anonticket.store.records import PaymentStatus
 
 from .conftest import post_json, reactor, transfer
@@ -34,6 +47,15 @@ INTEGRATED = (
 PID = "0123456789abcdef"
 NEW_OUTPUT = re.compile(r"payment id: +([0-9a-f]{16})\nintegrated address: +(\w+)\n")
 REPO = Path(__file__).resolve().parent.parent
+
+
+ONION = "pg6mmjiyjmcrsslvykfwnntlaru7p5svn6y2ymmju6nubxndf4pscryd.onion"
+
+
+@pytest.fixture(autouse=True)
+def no_socks_from_the_environment(monkeypatch):
+    # A developer's own ANONTICKET_SOCKS would send every request below through Tor.
+    monkeypatch.delenv(SOCKS_ENV, raising=False)
 
 
 def other_kind(kind: str, network: str = "mainnet") -> str:
@@ -359,7 +381,8 @@ async def test_odd_answers_are_reported_not_trusted(serve, code, body, exit_code
 # --------------------------------------------------------------------------- console script
 
 
-def script(*argv: str) -> subprocess.CompletedProcess[str]:
+def script(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k != SOCKS_ENV}
     return subprocess.run(
         [sys.executable, "-m", "anonticket.client", *argv],
         capture_output=True,
@@ -367,6 +390,7 @@ def script(*argv: str) -> subprocess.CompletedProcess[str]:
         cwd=REPO,
         timeout=60,
         check=False,
+        env={**environ, **env},
     )
 
 
@@ -384,3 +408,207 @@ async def test_console_script_exit_code_and_one_line_error():
     done = script("redeem", PID, "--url", url, "--timeout", "5")
     assert done.returncode == 1 and done.stdout == ""
     one_error_line(done.stderr, "cannot reach")
+
+
+# --------------------------------------------------------------------------- --socks (no tor)
+
+
+class FakeSocks(Protocol):
+    """A SOCKS5 server standing in for tor: it records each CONNECT, then serves ``site`` itself
+    over the same connection, whatever the requested host.  ``reply`` != 0 refuses with that
+    SOCKS error code; None never answers the CONNECT (tor building a slow circuit)."""
+
+    def __init__(self, factory: FakeSocksFactory) -> None:
+        self.factory = factory
+        self.buffer = b""
+        self.greeted = False
+        self.http: Protocol | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.http is not None:
+            self.http.dataReceived(data)
+            return
+        self.buffer += data
+        if not self.greeted:
+            if len(self.buffer) < 2 or len(self.buffer) < 2 + self.buffer[1]:
+                return
+            assert self.buffer[0] == 5 and 0 in self.buffer[2 : 2 + self.buffer[1]]
+            self.buffer = self.buffer[2 + self.buffer[1] :]
+            self.transport.write(b"\x05\x00")  # version 5, no authentication
+            self.greeted = True
+        if len(self.buffer) < 5:
+            return
+        _, command, _, kind = self.buffer[:4]
+        if kind == 3:  # a name, for tor to resolve
+            end = 5 + self.buffer[4]
+            host = self.buffer[5:end].decode()
+        else:
+            assert kind == 1, kind
+            end = 8
+            host = socket.inet_ntoa(self.buffer[4:8])
+        if len(self.buffer) < end + 2:
+            return
+        port = int.from_bytes(self.buffer[end : end + 2], "big")
+        rest, self.buffer = self.buffer[end + 2 :], b""
+        self.factory.requests.append((command, kind, host, port))
+        if self.factory.reply is None:
+            return
+        self.transport.write(bytes([5, self.factory.reply, 0, 1, 0, 0, 0, 0, 0, 0]))
+        if self.factory.reply:
+            self.transport.loseConnection()
+            return
+        self.http = self.factory.site.buildProtocol(None)
+        self.http.makeConnection(self.transport)
+        if rest:
+            self.http.dataReceived(rest)
+
+    def connectionLost(self, reason=None) -> None:
+        if self.http is not None:
+            self.http.connectionLost(reason)
+        if not self.factory.gone.called:
+            self.factory.gone.callback(None)
+
+
+class FakeSocksFactory(Factory):
+    def __init__(self, site: Site, reply: int | None) -> None:
+        self.site, self.reply = site, reply
+        self.requests: list[tuple[int, int, str, int]] = []
+        self.gone: Deferred[None] = Deferred()
+        self.endpoint = ""
+
+    def buildProtocol(self, addr):
+        return FakeSocks(self)
+
+
+@pytest_twisted.async_yield_fixture
+async def fake_tor():
+    ports = []
+
+    def start(resource: Resource | None = None, reply: int | None = 0) -> FakeSocksFactory:
+        factory = FakeSocksFactory(Site(resource or Resource()), reply)
+        ports.append(reactor.listenTCP(0, factory, interface="127.0.0.1"))
+        factory.endpoint = f"tcp:127.0.0.1:{ports[-1].getHost().port}"
+        return factory
+
+    yield start
+    for port in ports:
+        await port.stopListening()
+
+
+REDEEMED = b'{"status": "success", "service_token": "%s", "balance": 7}' % (b"ab" * 32)
+ACTIVE = b'{"status": "active", "balance": 7, "issued_at": "2026-01-01T00:00:00Z"}'
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(list(argv))
+
+
+def test_agent_choice(monkeypatch):
+    direct = parse("redeem", PID, "--url", "http://127.0.0.1:1")
+    assert direct.socks is None and isinstance(make_agent(reactor, direct), Agent)
+    via = parse("status", "ab" * 32, "--url", f"http://{ONION}", "--socks", "tcp:127.0.0.1:9050")
+    agent = make_agent(reactor, via)
+    assert isinstance(agent, TorAgent) and agent.socks == "tcp:127.0.0.1:9050"
+    with pytest.raises(ClientError, match=re.escape("pass --socks tcp:127.0.0.1:9050")):
+        make_agent(reactor, parse("redeem", PID, "--url", f"http://{ONION}"))
+    with pytest.raises(ClientError, match="not a client endpoint") as caught:
+        make_agent(reactor, parse("redeem", PID, "--url", f"http://{ONION}", "--socks", "9050"))
+    assert caught.value.exit_code == 2
+
+    monkeypatch.setenv(SOCKS_ENV, "unix:/run/tor/socks")
+    assert parse("redeem", PID, "--url", "http://x").socks == "unix:/run/tor/socks"
+    assert parse("redeem", PID, "--url", "http://x", "--socks", "tcp:h:1").socks == "tcp:h:1"
+    # An empty value, given or in the environment, means direct.
+    assert parse("redeem", PID, "--url", "http://x", "--socks", "").socks == ""
+    assert isinstance(
+        make_agent(reactor, parse("status", "x", "--url", "http://x", "--socks", "")), Agent
+    )
+    monkeypatch.setenv(SOCKS_ENV, "")
+    assert parse("redeem", PID, "--url", "http://x").socks is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_help_mentions_socks():
+    for command in ("redeem", "status"):
+        code, out, _ = await cli(command, "--help")
+        assert code == 0 and "--socks ENDPOINT" in out and SOCKS_ENV in out
+    code, out, _ = await cli("new", "--help")
+    assert code == 0 and "--socks" not in out
+
+
+@pytest_twisted.ensureDeferred
+async def test_socks_hands_the_onion_name_to_tor_unresolved(fake_tor, monkeypatch):
+    tor = fake_tor(Hostile("fixed", 200, REDEEMED))
+    code, out, err = await cli("redeem", PID, "--url", f"http://{ONION}", "--socks", tor.endpoint)
+    assert (code, err) == (0, "")
+    assert re.search(r"^service token: +(ab){32}$", out, re.M)
+    assert tor.requests == [(1, 3, ONION, 80)]  # CONNECT, by name
+
+    tor = fake_tor(Hostile("fixed", 200, ACTIVE))
+    monkeypatch.setenv(SOCKS_ENV, tor.endpoint)
+    code, out, err = await cli("status", "ab" * 32, "--json", "--url", "http://example.org:8080")
+    assert (code, err) == (0, "") and json.loads(out)["status"] == "active"
+    assert tor.requests == [(1, 3, "example.org", 8080)]  # every request, not only .onion
+
+
+@pytest_twisted.ensureDeferred
+async def test_socks_refusal_is_one_line_exit_1(fake_tor):
+    tor = fake_tor(reply=4)  # what tor answers while an onion has no descriptor yet
+    code, out, err = await cli("redeem", PID, "--url", f"http://{ONION}", "--socks", tor.endpoint)
+    assert code == 1 and out == ""
+    one_error_line(err, f"cannot reach http://{ONION} through {tor.endpoint}: Host unreachable")
+
+
+@pytest_twisted.ensureDeferred
+async def test_closed_socks_port_is_named(fake_tor):
+    url = await closed_port_url()
+    endpoint = url.replace("http://", "tcp:")
+    code, out, err = await cli("status", "ab" * 32, "--url", f"http://{ONION}", "--socks", endpoint)
+    assert code == 1 and out == ""
+    one_error_line(err, f"cannot reach the Tor SOCKS port {endpoint}: ")
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_socks_endpoint_is_a_usage_error():
+    code, out, err = await cli(
+        "redeem", PID, "--url", f"http://{ONION}", "--socks", "127.0.0.1:9050"
+    )
+    assert code == 2 and out == ""
+    one_error_line(err, "--socks: not a client endpoint like tcp:127.0.0.1:9050")
+
+
+@pytest_twisted.ensureDeferred
+async def test_deadline_hangs_up_a_socks_handshake_tor_never_answers(fake_tor):
+    tor = fake_tor(reply=None)
+    argv = ["--url", f"http://{ONION}", "--socks", tor.endpoint, "--timeout", "0.3"]
+    code, out, err = await cli("redeem", PID, *argv)
+    assert code == 1 and out == ""
+    one_error_line(err, f"no complete answer from http://{ONION} within 0.3 s")
+    await tor.gone.addTimeout(5, reactor)  # the client really hung up
+
+
+@pytest.mark.parametrize("mode", ["endless", "stall"])
+@pytest_twisted.ensureDeferred
+async def test_cap_and_deadline_hold_through_socks(fake_tor, mode):
+    server = Hostile(mode)
+    tor = fake_tor(server)
+    argv = ["--url", f"http://{ONION}", "--socks", tor.endpoint, "--timeout", "0.5"]
+    code, out, err = await cli("redeem", PID, *argv)
+    assert code == 1 and out == ""
+    one_error_line(err, "exceeds 64 KiB" if mode == "endless" else "no complete answer")
+    await server.gone.addTimeout(5, reactor)
+    assert server.sent < 2**20
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_redirects_through_socks(fake_tor):
+    tor = fake_tor(Hostile("fixed", 302, b"{}"))
+    code, out, err = await cli("redeem", PID, "--url", f"http://{ONION}", "--socks", tor.endpoint)
+    assert code == 1 and out == "" and len(tor.requests) == 1
+    one_error_line(err, "HTTP 302")
+
+
+def test_console_script_onion_without_socks_says_how():
+    done = script("redeem", PID, "--url", f"http://{ONION}")
+    assert done.returncode == 1 and done.stdout == ""
+    one_error_line(done.stderr, "run a local tor and pass --socks tcp:127.0.0.1:9050")
