@@ -58,6 +58,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "control endpoint of a running tor (unix:/run/tor/control, tcp:127.0.0.1:9051)",
         shown_default="unset: launch a private tor",
     ),
+    Setting(
+        "tor-config",
+        None,
+        "torrc-style file of extra options for the tor anonticket launches (bridges, ...)",
+        shown_default="unset",
+    ),
     Setting("wallet-rpc", "http://127.0.0.1:18083", "monero-wallet-rpc base URL"),
     Setting(
         "wallet-rpc-login",
@@ -120,6 +126,7 @@ class Config:
     public: str
     internal: str
     tor_control: str | None
+    tor_config: dict[str, str | list[str]]
     wallet_rpc: str
     wallet_rpc_login: tuple[str, str] | None
     min_confirmations: int
@@ -213,7 +220,8 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         database=parse("database", lambda x: _database(x, data_dir)),
         public=parse("public", lambda x: check_public_endpoint(x or "")),
         internal=parse("internal", lambda x: check_internal_endpoint(x or "")),
-        tor_control=parse("tor-control", lambda x: x),
+        tor_control=parse("tor-control", check_tor_control),
+        tor_config=parse("tor-config", read_tor_config),
         wallet_rpc=parse("wallet-rpc", _wallet_url),
         wallet_rpc_login=parse("wallet-rpc-login", _login),
         min_confirmations=parse(
@@ -239,15 +247,74 @@ def _endpoint_kind(name: str, description: str) -> str:
 def check_public_endpoint(description: str) -> str:
     kind = _endpoint_kind("public", description)
     if kind == "onion":
-        raise ConfigError(
-            "--public: onion endpoints are not available in this version yet; "
-            "use tcp:PORT:interface=127.0.0.1 behind your own tor's HiddenServicePort"
-        )
+        port = description.split(":", 1)[1]
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(
+                "--public: expected onion:PORT (the onion's virtual port, e.g. onion:80); "
+                "tor itself is chosen with --tor-control"
+            )
+        return description
     if kind not in ("tcp", "tcp6", "unix"):
         raise ConfigError(
-            f"--public: unsupported endpoint type {kind!r} (use tcp:, tcp6: or unix:)"
+            f"--public: unsupported endpoint type {kind!r} (use onion:, tcp:, tcp6: or unix:)"
         )
     return description
+
+
+def onion_port(description: str) -> int | None:
+    """The virtual port of an ``onion:PORT`` public endpoint, or None for tcp/unix."""
+    kind, _, port = description.partition(":")
+    return int(port) if kind.lower() == "onion" else None
+
+
+def read_tor_config(path: str | None) -> dict[str, str | list[str]]:
+    """``Option value`` lines (torrc syntax, ``#`` comments); a repeated option keeps every
+    value.  Anonticket sets DataDirectory, ControlPort and SocksPort itself."""
+    if path is None:
+        return {}
+    try:
+        text = Path(path).read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--tor-config: cannot read {path!r}: {e}") from None
+    options: dict[str, str | list[str]] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, _, value = line.partition(" ")
+        if not key.isalnum() or not value.strip():
+            raise ConfigError(f"--tor-config: line {number}: expected 'Option value'")
+        if key in ("DataDirectory", "ControlPort", "ControlSocket", "SocksPort"):
+            raise ConfigError(f"--tor-config: line {number}: anonticket sets {key} itself")
+        previous = options.get(key)
+        if previous is None:
+            options[key] = value.strip()
+        else:
+            values = previous if isinstance(previous, list) else [previous]
+            options[key] = [*values, value.strip()]
+    return options
+
+
+def check_tor_control(description: str | None) -> str | None:
+    """A running tor's control port: a unix socket, or tcp on this machine (the onion's target
+    is a loopback address here, which a tor elsewhere could not reach)."""
+    if description is None:
+        return None
+    kind = _endpoint_kind("tor-control", description)
+    if kind == "unix":
+        return description
+    if kind == "tcp":
+        host = description.split(":")[1] if description.count(":") >= 2 else ""
+        host = host.partition("=")[2] if "=" in host else host
+        try:
+            if ipaddress.ip_address(host).is_loopback:
+                return description
+        except ValueError:
+            pass
+    raise ConfigError(
+        "--tor-control: expected unix:/run/tor/control or tcp:127.0.0.1:9051 "
+        "(a tor on this machine, cookie authentication)"
+    )
 
 
 def check_internal_endpoint(description: str) -> str:

@@ -1,7 +1,7 @@
 """``twistd anonticket``: Options and makeService (assembly only; logic lives elsewhere).
 
 Services start in dependency order and stop in reverse: store → wallet client → monitor →
-public site → internal site.  The onion service slots in before the public site when it lands.
+public site (published as an onion, or on a tcp/unix endpoint) → internal site.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 
-from anonticket.config import Config, ConfigError, Options, from_options
+from anonticket.config import Config, ConfigError, Options, from_options, onion_port
 from anonticket.keys import DataDirError
 from anonticket.metrics import Metrics
 from anonticket.monitor import Monitor, MonitorService, WalletService
+from anonticket.onion import OnionService
 from anonticket.store import DatabaseError, Store, StoreService
 from anonticket.wallet import WalletClient
 from anonticket.web.http import PrivacySite
@@ -84,7 +85,20 @@ def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> Anont
 
     public = PublicAPI(store, metrics, reactor, config.min_confirmations)
     public_site = PrivacySite(public.app.resource(), name="public", metrics=metrics, clock=reactor)
-    SiteService(reactor, "public", config.public, public_site).setServiceParent(root)
+    virtual_port = onion_port(config.public)
+    if virtual_port is not None:
+        # Listens on a socket only tor reaches, then publishes it; never delays the rest.
+        OnionService(
+            reactor,
+            data_dir=config.data_dir,
+            site=public_site,
+            metrics=metrics,
+            virtual_port=virtual_port,
+            tor_control=config.tor_control,
+            tor_options=config.tor_config,
+        ).setServiceParent(root)
+    else:
+        SiteService(reactor, "public", config.public, public_site).setServiceParent(root)
 
     internal = InternalAPI(store, metrics, reactor, config.min_confirmations, monitor=monitor)
     internal_site = PrivacySite(

@@ -26,9 +26,11 @@ def _pdeathsig() -> None:
 
 
 class Daemon:
-    def __init__(self, data_dir: Path, *args: str) -> None:
+    def __init__(self, data_dir: Path, *args: str, public: str | None = None) -> None:
+        """``public``: the --public endpoint; default a free loopback TCP port."""
         self.data_dir = data_dir
         self.public_port = free_port()
+        self.public = public or f"tcp:{self.public_port}:interface=127.0.0.1"
         self.internal_port = free_port()
         self.args = list(args)
         self.log = data_dir.parent / f"{data_dir.name}.log"
@@ -51,7 +53,7 @@ class Daemon:
             "--data-dir",
             str(self.data_dir),
             "--public",
-            f"tcp:{self.public_port}:interface=127.0.0.1",
+            self.public,
             "--internal",
             f"tcp:{self.internal_port}:interface=127.0.0.1",
             *self.args,

@@ -14,6 +14,7 @@ from anonticket.config import (
     Options,
     check_internal_endpoint,
     from_options,
+    onion_port,
 )
 
 
@@ -90,6 +91,7 @@ def test_every_setting_is_an_option_and_named_in_help():
         (["--wallet-rpc-login", "nopassword"], {}, "--wallet-rpc-login: expected user:password"),
         (["--database", "mysql://x"], {}, "--database: expected sqlite:///PATH"),
         (["--public", "ssl:443"], {}, "--public: unsupported endpoint type"),
+        (["--tor-control", "tcp:192.0.2.1:9051"], {}, "--tor-control: expected unix:"),
         (["--public", "nonsense"], {}, "--public: expected an endpoint"),
         ([], {"ANONTICKET_NO_MONITOR": "maybe"}, "ANONTICKET_NO_MONITOR: expected 1/true"),
     ],
@@ -107,9 +109,31 @@ def test_every_bad_value_is_reported_at_once():
     assert "--min-confirmations" in str(e.value) and "--min-amount" in str(e.value)
 
 
-def test_onion_public_endpoint_fails_with_one_clear_line_for_now():
-    with pytest.raises(ConfigError, match="--public: onion endpoints are not available"):
-        parse([])
+def test_the_default_public_endpoint_is_an_onion():
+    config = parse(["--no-monitor"])
+    assert config.public == "onion:80" and onion_port(config.public) == 80
+    assert onion_port("tcp:8080:interface=127.0.0.1") is None
+
+
+@pytest.mark.parametrize("public", ["onion:", "onion:http", "onion:0", "onion:80:controlPort=9051"])
+def test_bad_onion_endpoints_are_refused(public):
+    with pytest.raises(ConfigError, match="--public: expected onion:PORT"):
+        parse(["--public", public])
+
+
+@pytest.mark.parametrize(
+    "control", ["unix:/run/tor/control", "tcp:127.0.0.1:9051", "tcp:host=127.0.0.1:port=9051"]
+)
+def test_local_tor_control_endpoints_are_accepted(control):
+    assert parse(["--tor-control", control]).tor_control == control
+
+
+@pytest.mark.parametrize(
+    "control", ["tcp:10.0.0.5:9051", "tcp:tor.example:9051", "ssl:x:1", "9051"]
+)
+def test_remote_or_odd_tor_control_endpoints_are_refused(control):
+    with pytest.raises(ConfigError, match="--tor-control"):
+        parse(["--tor-control", control])
 
 
 @pytest.mark.parametrize(

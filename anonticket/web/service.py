@@ -97,4 +97,5 @@ class SiteService(Service):
 def _describe(host: Any) -> str:
     if hasattr(host, "port"):
         return f"{host.host}:{host.port}"
-    return str(getattr(host, "name", host))
+    name = getattr(host, "name", host)  # a UNIX address: the socket path, as bytes
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
