@@ -21,25 +21,23 @@ from urllib.parse import urlsplit
 import nacl.utils
 from treq.client import HTTPClient
 from twisted.internet import task
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import (
-    IConsumer,
     IProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from anonticket.address import NETWORK_BYTES, AddressError, make_integrated_address, parse_address
 from anonticket.domain import DomainError, PaymentId, ServiceToken
+from anonticket.httpbody import BodyTooLarge, BytesProducer, read_capped
 
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
@@ -216,83 +214,6 @@ class TorAgent:
         self._port.hang_up()
 
 
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """Writes the whole request body at once; treq's default producer would run on the global
-    cooperator rather than the injected reactor."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-class _CappedReader(Protocol):
-    """Collects a response body, hanging up past ``limit`` bytes so a hostile server cannot make
-    us buffer without end.  (treq decodes gzip before this sees the bytes; zlib's ~1000:1 ratio
-    on one 64 KiB socket read bounds that transient.)"""
-
-    def __init__(self, limit: int, declared: object) -> None:
-        self._limit = limit
-        self._declared = declared
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self.done: Deferred[bytes] = Deferred(self._cancel)
-
-    def connectionMade(self) -> None:
-        if isinstance(self._declared, int) and self._declared > self._limit:
-            self._too_large()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
-            return
-        self._size += len(data)
-        if self._size > self._limit:
-            self._too_large()
-        else:
-            self._chunks.append(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self._chunks))
-        else:
-            self.done.errback(reason)
-
-    def _too_large(self) -> None:
-        limit = self._limit // 1024
-        self.done.errback(ClientError(f"the server's answer exceeds {limit} KiB; gave up"))
-        self._hang_up()
-
-    def _cancel(self, done: Deferred[bytes]) -> None:
-        # Fire first, so the hang-up's connectionLost cannot be reported as a network error.
-        done.errback(CancelledError())
-        self._hang_up()
-
-    def _hang_up(self) -> None:
-        if self.transport is not None:
-            self.transport.loseConnection()
-
-
-def read_capped(response: IResponse, limit: int = MAX_RESPONSE) -> Deferred[bytes]:
-    reader = _CappedReader(limit, response.length)
-    response.deliverBody(reader)
-    return reader.done
-
-
 async def _exchange(
     client: HTTPClient, method: str, url: str, payload: bytes | None
 ) -> tuple[int, bytes]:
@@ -304,7 +225,11 @@ async def _exchange(
     response = await client.request(
         method, url, data=payload, headers=headers, allow_redirects=False, unbuffered=True
     )
-    return response.code, await read_capped(response)
+    try:
+        return response.code, await read_capped(response, MAX_RESPONSE)
+    except BodyTooLarge:
+        limit = MAX_RESPONSE // 1024
+        raise ClientError(f"the server's answer exceeds {limit} KiB; gave up") from None
 
 
 def _describe(exc: BaseException) -> str:
@@ -320,7 +245,7 @@ async def fetch(
 ) -> tuple[int, str, dict[str, Any]]:
     """One HTTP exchange: the status, the body text and the JSON object in it."""
     agent = make_agent(reactor, args)
-    client = HTTPClient(agent, data_to_body_producer=_BytesProducer)
+    client = HTTPClient(agent, data_to_body_producer=BytesProducer)
     exchange = Deferred.fromCoroutine(_exchange(client, method, args.url + path, payload))
 
     def timed_out(result: object, timeout: float) -> NoReturn:

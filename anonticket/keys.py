@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -44,43 +45,63 @@ def prepare_data_dir(path: Path) -> Path:
 
 def load_or_create_secret_key(data_dir: Path) -> bytes:
     """Read ``secret.key``, creating it (0600, written once, fsynced) on first start."""
-    path = data_dir / SECRET_KEY_FILE
+    key, _ = load_or_create_key_file(
+        data_dir / SECRET_KEY_FILE,
+        lambda: nacl.utils.random(SECRET_KEY_BYTES),
+        size=SECRET_KEY_BYTES,
+        if_lost="restore it from backup",
+    )
+    return key
+
+
+def load_or_create_key_file(
+    path: Path, generate: Callable[[], bytes], *, size: int, if_lost: str
+) -> tuple[bytes, bool]:
+    """The key in *path*, or a new one from *generate* written there (0600, fsynced, with the
+    directory).  Returns ``(key, created)``.  Refuses a key others can read, a symlink, or one
+    of the wrong size, with a one-line :class:`DataDirError` ending in *if_lost*."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # O_EXCL: two starts racing on an empty data dir must not end up with two keys.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        return _read_key(path)
+        return _read_key_file(path, size, if_lost), False
     except OSError as e:
         raise DataDirError(f"cannot create {path}: {e.strerror}") from None
-    key = nacl.utils.random(SECRET_KEY_BYTES)
-    tmp_ok = False
+    key = generate()
+    written = False
     try:
         os.write(fd, key)
         os.fsync(fd)
-        tmp_ok = True
+        written = True
     finally:
         os.close(fd)
-        if not tmp_ok:
+        if not written:
             path.unlink(missing_ok=True)
-    _fsync_dir(data_dir)
-    return key
+    fsync_dir(path.parent)
+    return key, True
 
 
-def _read_key(path: Path) -> bytes:
+def _read_key_file(path: Path, size: int, if_lost: str) -> bytes:
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            raise DataDirError(f"{path} is readable by other users (mode {mode:o}); chmod 600 it")
-        key = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as e:
         raise DataDirError(f"cannot read {path}: {e.strerror}") from None
-    if len(key) != SECRET_KEY_BYTES:
-        raise DataDirError(
-            f"{path} must hold exactly {SECRET_KEY_BYTES} bytes; restore it from backup"
-        )
+    try:
+        info = os.fstat(fd)
+        mode = stat.S_IMODE(info.st_mode)
+        if not stat.S_ISREG(info.st_mode):
+            raise DataDirError(f"{path} is not a regular file")
+        if mode & 0o077:
+            raise DataDirError(f"{path} is accessible to other users (mode {mode:o}); chmod 600 it")
+        key = os.read(fd, size + 1)
+    finally:
+        os.close(fd)
+    if len(key) != size:
+        raise DataDirError(f"{path} must hold exactly {size} bytes; {if_lost}")
     return key
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -53,7 +53,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, providedBy
 
-from anonticket.keys import DataDirError, prepare_data_dir
+from anonticket.keys import DataDirError, fsync_dir, load_or_create_key_file, prepare_data_dir
 from anonticket.metrics import Metrics
 from anonticket.web.http import PrivacySite
 from anonticket.web.service import SiteService, StartupError
@@ -104,60 +104,13 @@ def load_or_create_onion_key(data_dir: Path) -> bytes:
 
 
 def _load_or_create(data_dir: Path) -> tuple[bytes, bool]:
-    path = data_dir / ONION_KEY_FILE
-    try:
-        # O_EXCL: two starts racing on an empty data dir must not end up with two addresses.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        return _read_seed(path), False
-    except OSError as e:
-        raise DataDirError(f"cannot create {path}: {e.strerror}") from None
-    seed = bytes(nacl.signing.SigningKey.generate())
-    written = False
-    try:
-        os.write(fd, seed)
-        os.fsync(fd)
-        written = True
-    finally:
-        os.close(fd)
-        if not written:
-            path.unlink(missing_ok=True)
-    _fsync_dir(data_dir)
-    return seed, True
-
-
-def _read_seed(path: Path) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as e:
-        raise DataDirError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        mode = stat.S_IMODE(info.st_mode)
-        if not stat.S_ISREG(info.st_mode):
-            raise DataDirError(f"{path} is not a regular file")
-        if mode & 0o077:
-            raise DataDirError(
-                f"{path} is accessible to other users (mode {mode:o}); chmod 600 it "
-                "(anyone who read it can impersonate the onion service)"
-            )
-        seed = os.read(fd, SEED_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(seed) != SEED_BYTES:
-        raise DataDirError(
-            f"{path} must hold exactly {SEED_BYTES} bytes (an Ed25519 seed); restore it from "
-            "backup, or move it away to get a new .onion address"
-        )
-    return seed
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return load_or_create_key_file(
+        data_dir / ONION_KEY_FILE,
+        lambda: bytes(nacl.signing.SigningKey.generate()),
+        size=SEED_BYTES,
+        # Whoever read it can impersonate the onion service; a new one is a new address.
+        if_lost="restore it from backup, or move it away to get a new .onion address",
+    )
 
 
 def onion_address(seed: bytes) -> str:
@@ -853,7 +806,7 @@ def _write_public_file(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 # -- admin command --------------------------------------------------------------------------

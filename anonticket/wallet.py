@@ -14,14 +14,12 @@ import json
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred, DeferredLock, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionClosed
-from twisted.internet.interfaces import IConsumer, IPushProducer
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent
@@ -30,14 +28,12 @@ from twisted.web.client import (
     HTTPConnectionPool,
     RequestGenerationFailed,
     RequestTransmissionFailed,
-    ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
 )
-from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
-from zope.interface import implementer
+
+from anonticket.httpbody import BodyTooLarge, BytesProducer, read_capped
 
 # get_transfers of a busy wallet is large, but a body without bound is a memory attack.
 MAX_BODY_BYTES: Final = 64 * 1024 * 1024
@@ -78,78 +74,6 @@ class WalletError(Exception):
         self.kind: WalletErrorKind = kind
         self.message = message
         self.code = code
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """Writes the request at once.  treq's default FileBodyProducer runs on the global
-    cooperator (not the injected reactor) and may outlive a cancelled request."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None: ...
-
-    def resumeProducing(self) -> None: ...
-
-    def stopProducing(self) -> None: ...
-
-
-class _BoundedCollector(Protocol):
-    """treq's content() buffers without limit; this one drops the connection past the cap."""
-
-    def __init__(self, declared: int | None, cap: int) -> None:
-        # Cancelling (the call timed out) aborts the connection; the Deferred then fails with
-        # CancelledError and the later connectionLost is ignored.
-        self.finished: Deferred[bytes] = Deferred(lambda _: self.abort())
-        self._declared = declared
-        self._cap = cap
-        self._size = 0
-        self._chunks: list[bytes] = []
-
-    def connectionMade(self) -> None:
-        if self._declared is not None and self._declared > self._cap:
-            self._refuse()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.finished.called:
-            return
-        self._size += len(data)
-        if self._size > self._cap:
-            self._refuse()
-        else:
-            self._chunks.append(data)
-
-    def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
-        if self.finished.called:
-            return
-        # PotentialDataLoss: a close-delimited body, complete as far as HTTP can tell.
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.finished.callback(b"".join(self._chunks))
-        else:
-            self.finished.errback(reason)
-
-    def abort(self) -> None:
-        # Closing the connection is the only way to stop a response midway.
-        if self.transport is not None:
-            cast(IPushProducer, self.transport).stopProducing()
-
-    def _refuse(self) -> None:
-        self._chunks.clear()
-        self.abort()
-        self.finished.errback(WalletError("bad_response", f"body over {self._cap} bytes"))
-
-
-def _read_body(response: Any, cap: int) -> Deferred[bytes]:
-    length = response.length
-    collector = _BoundedCollector(None if length is UNKNOWN_LENGTH else length, cap)
-    response.deliverBody(collector)
-    return collector.finished
 
 
 def _challenges(values: list[str]) -> list[tuple[str, dict[str, str]]]:
@@ -270,7 +194,7 @@ class WalletClient:
             # epee binds the Digest nonce to the TCP connection: keep exactly one.
             pool.maxPersistentPerHost = 1 if login else 2
         self._pool = pool
-        self._http = HTTPClient(Agent(reactor, pool=pool), data_to_body_producer=_BytesProducer)
+        self._http = HTTPClient(Agent(reactor, pool=pool), data_to_body_producer=BytesProducer)
         self._lock = DeferredLock() if login else None
         self._digest: _Digest | None = None
 
@@ -372,7 +296,9 @@ class WalletClient:
     async def _body(self, method: str, response: Any) -> bytes:
         # Error bodies are read too: a half-read response pins its connection forever.
         try:
-            return await _read_body(response, self._max_body)
+            return await read_capped(response, self._max_body)
+        except BodyTooLarge:
+            raise WalletError("bad_response", f"body over {self._max_body} bytes") from None
         except _NETWORK_ERRORS as exc:
             if _cancelled(exc):
                 raise CancelledError() from None

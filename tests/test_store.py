@@ -320,7 +320,7 @@ def test_a_world_readable_key_is_refused(tmp_path):
     (tmp_path / "secret.key").write_bytes(b"k" * 32)
     (tmp_path / "secret.key").chmod(0o644)
     s = Store(reactor, f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path)
-    with pytest.raises(Exception, match="readable by other users"):
+    with pytest.raises(Exception, match="accessible to other users"):
         s.open()
 
 
