@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -14,15 +13,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .children import dies_with_parent
 from .monero_regtest import free_port
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 CLIENT = [str(Path(sys.executable).parent / "anonticket-client")]  # the console script
-
-
-def _pdeathsig() -> None:
-    # The daemon must not outlive a killed test run.
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
 
 
 class Daemon:
@@ -60,7 +55,7 @@ class Daemon:
         ]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_pdeathsig
+                argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=dies_with_parent()
             )
         if wait:
             self.wait_listening()

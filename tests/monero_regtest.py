@@ -38,13 +38,11 @@ Facts about the real daemon and wallet that this module relies on (Monero 0.18.0
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import hashlib
 import http.client
 import json
 import os
-import queue
 import re
 import secrets
 import shutil
@@ -55,9 +53,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
+
+from .children import Forker, dies_with_parent
 
 MONEROD = "monerod"
 WALLET_RPC = "monero-wallet-rpc"
@@ -304,52 +303,6 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-class _Spawner:
-    """One long-lived thread that forks every child.
-
-    ``PR_SET_PDEATHSIG`` fires when the thread that forked the child exits, not the process.  If a
-    child were forked from a ``deferToThread`` pool thread, it would be SIGKILLed when that thread
-    finished.  Forking from this thread ties the children to the :class:`Regtest` (and, through
-    the thread, to the test process)."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue()
-        self._thread = threading.Thread(
-            target=self._run, name="monero-regtest-spawner", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fn, future = job
-            try:
-                future.set_result(fn())
-            except BaseException as e:
-                future.set_exception(e)
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        future: Future[Any] = Future()
-        self._jobs.put((fn, future))
-        return future.result()
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
-
-
-def _pdeathsig() -> Callable[[], None]:
-    """A ``preexec_fn``: SIGKILL the child when its parent (thread) dies."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
 class _Child:
     """A started program: its Popen, log file and captured stdout/stderr."""
 
@@ -531,7 +484,7 @@ class Regtest:
         self._daemon: _Client | None = None
         self._children: list[_Child] = []
         self._lock = threading.RLock()
-        self._spawner: _Spawner | None = None
+        self._spawner: Forker | None = None
         self._stopped = False
 
     # -- life cycle -------------------------------------------------------------------------
@@ -557,7 +510,7 @@ class Regtest:
         if self._stopped:
             raise RuntimeError("this Regtest has been stopped")
         if self._spawner is None:
-            self._spawner = _Spawner()
+            self._spawner = Forker("monero-regtest-spawner")
         log = self.workdir / f"{name}.log"
         out = self.workdir / f"{name}.out"
 
@@ -570,7 +523,7 @@ class Regtest:
                     stderr=subprocess.STDOUT,
                     cwd=self.workdir,
                     env=self._env(),
-                    preexec_fn=_pdeathsig(),
+                    preexec_fn=dies_with_parent(),
                     close_fds=True,
                 )
 

@@ -6,7 +6,6 @@ Uses Debian's postgresql binaries (``/usr/lib/postgresql/<v>/bin``); installs no
 
 from __future__ import annotations
 
-import ctypes
 import glob
 import os
 import pwd
@@ -15,10 +14,11 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
+
+from .children import dies_with_parent
 
 
 def _bindir() -> Path | None:
@@ -28,18 +28,6 @@ def _bindir() -> Path | None:
 
 def available() -> bool:
     return _bindir() is not None
-
-
-def _child_setup(user: pwd.struct_passwd | None) -> Callable[[], None]:
-    def preexec() -> None:
-        if user is not None:
-            os.setgroups([])
-            os.setgid(user.pw_gid)
-            os.setuid(user.pw_uid)
-        # After the uid change, which clears it: the server must not outlive the tests.
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
-
-    return preexec
 
 
 class PostgresServer:
@@ -74,7 +62,7 @@ class PostgresServer:
             ],
             check=True,
             capture_output=True,
-            preexec_fn=_child_setup(self._user),
+            preexec_fn=dies_with_parent(self._user),
             cwd=self.dir,
         )
         self.process = subprocess.Popen(
@@ -95,7 +83,7 @@ class PostgresServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=open(self.dir / "server.log", "wb"),
-            preexec_fn=_child_setup(self._user),
+            preexec_fn=dies_with_parent(self._user),
             cwd=self.dir,
         )
         deadline = time.monotonic() + 30

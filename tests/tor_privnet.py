@@ -38,21 +38,19 @@ Facts this relies on (tor 0.4.9.11; see shared/research/tor-local.md):
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import queue
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
+
+from .children import Forker, dies_with_parent
 
 TOR = "tor"
 GENCERT = "tor-gencert"
@@ -134,45 +132,6 @@ def _tail(path: Path, lines: int = 25) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError as exc:
         return f"<{exc}>"
-
-
-class _Forker:
-    """The one thread that forks every child (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="tor-privnet-forker", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fn, done = job
-            try:
-                done.set_result(fn())
-            except BaseException as exc:
-                done.set_exception(exc)
-
-    def call(self, fn: Callable[[], T]) -> T:
-        done: Future[T] = Future()
-        self._jobs.put((fn, done))
-        return done.result()
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
-
-
-def _pdeathsig() -> Callable[[], None]:
-    # Resolved before fork: the child should do as little as possible between fork and exec.
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent was gone before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
 
 
 class TorControlError(Exception):
@@ -311,7 +270,7 @@ class TorNetwork:
         self.timings: dict[str, float] = {}
         self._dir_authorities: list[str] = []
         self._started = 0.0
-        self._forker: _Forker | None = None
+        self._forker: Forker | None = None
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ lifecycle
@@ -330,7 +289,7 @@ class TorNetwork:
     def start(self) -> None:
         with self._lock:
             self._started = time.monotonic()
-            self._forker = _Forker()
+            self._forker = Forker("tor-privnet-forker")
             (self.base / "empty").touch()
             for node in self.core:
                 node.dir.mkdir(mode=0o700)
@@ -459,7 +418,7 @@ class TorNetwork:
 
     def _run(self, argv: list[str], stdin: bytes = b"") -> str:
         assert self._forker is not None
-        preexec = _pdeathsig()
+        preexec = dies_with_parent()
         done = self._forker.call(
             lambda: subprocess.run(
                 argv, input=stdin, capture_output=True, timeout=60, preexec_fn=preexec
@@ -517,7 +476,7 @@ class TorNetwork:
         torrc = node.dir / "torrc"
         torrc.write_text(self._torrc(node))
         argv = [TOR, "-f", str(torrc), "--defaults-torrc", "/dev/null"]
-        preexec = _pdeathsig()
+        preexec = dies_with_parent()
 
         def spawn() -> subprocess.Popen[bytes]:
             with open(node.dir / "stdout.log", "wb") as out:
