@@ -281,3 +281,30 @@ async def test_a_client_that_hangs_up_mid_request_does_no_harm(daemon, http):
     )
     code, _, _ = await redeem(http, daemon, {"pid": PID})
     assert code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_404s_do_not_grow_memory(daemon, http):
+    """Regression: re-raising one shared exception chained every request's traceback onto it
+    (8-9 KB per 404, found by bench/)."""
+    import random
+    import tracemalloc
+
+    rng = random.Random(1)
+
+    async def unknowns(n):
+        for _ in range(n):
+            pid = rng.randbytes(8).hex()
+            code, _, _ = await redeem(http, daemon, {"pid": pid})
+            assert code == 404
+
+    await unknowns(50)  # warm up caches and pools
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        await unknowns(400)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert grown < 1_000_000, f"{grown} bytes kept after 400 answers"

@@ -25,7 +25,7 @@ from anonticket.web.http import (
     set_route,
     store_call,
 )
-from anonticket.web.public import TOKEN_NOT_FOUND, rfc3339, token_view
+from anonticket.web.public import rfc3339, token_not_found, token_view
 
 MAX_REASON_LENGTH = 1000
 SMALLINT = (-32768, 32767)
@@ -115,7 +115,7 @@ class InternalAPI:
             raise
         if result is None:
             outcomes.labels("not_found").inc()
-            raise TOKEN_NOT_FOUND
+            raise token_not_found()
         record, newly = result
         outcomes.labels("revoked" if newly else "already_revoked").inc()
         return respond(request, internal_token_view(record))

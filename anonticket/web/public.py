@@ -32,13 +32,23 @@ from anonticket.web.http import (
     store_call,
 )
 
-PAYMENT_NOT_FOUND = ApiError(404, "payment_not_found", "payment not found")
-TOKEN_NOT_FOUND = ApiError(404, "token_not_found", "token not found")
-BELOW_MINIMUM = ApiError(
-    404,
-    "below_minimum",
-    "every payment to this payment id was below the minimum amount; it cannot be redeemed",
-)
+
+# Functions, not shared instances: raising one exception object again and again chains every
+# earlier traceback onto it, and with it every earlier request's frames (a leak per 404).
+def payment_not_found() -> ApiError:
+    return ApiError(404, "payment_not_found", "payment not found")
+
+
+def token_not_found() -> ApiError:
+    return ApiError(404, "token_not_found", "token not found")
+
+
+def below_minimum() -> ApiError:
+    return ApiError(
+        404,
+        "below_minimum",
+        "every payment to this payment id was below the minimum amount; it cannot be redeemed",
+    )
 
 
 def rfc3339(timestamp: int | None) -> str | None:
@@ -88,7 +98,7 @@ class PublicAPI:
         if pid in self._unknown:
             self._metrics.negative_cache_hits.inc()
             outcomes.labels("not_found").inc()
-            raise PAYMENT_NOT_FOUND
+            raise payment_not_found()
         try:
             result = await store_call(
                 self._metrics, "redeem", lambda: self._store.redeem(pid, self._now())
@@ -120,11 +130,11 @@ class PublicAPI:
                 )
             case BelowMinimum():
                 outcomes.labels("below_minimum").inc()
-                raise BELOW_MINIMUM
+                raise below_minimum()
             case NotFound():
                 outcomes.labels("not_found").inc()
                 self._unknown.add(pid)
-                raise PAYMENT_NOT_FOUND
+                raise payment_not_found()
         raise AssertionError("unreachable")
 
     @app.route("/api/v1/token/<string:token>", methods=["GET"])
@@ -145,7 +155,7 @@ class PublicAPI:
             raise
         if record is None:
             lookups.labels("not_found").inc()
-            raise TOKEN_NOT_FOUND
+            raise token_not_found()
         view = token_view(record)
         lookups.labels(view["status"]).inc()
         return respond(request, view)
