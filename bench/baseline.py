@@ -1,0 +1,71 @@
+"""The baseline: a bare Klein app on the same Twisted, answering the daemon's two public routes
+with a constant JSON body of a given size (bench only, never part of the product).
+
+    baseline.py PORT --post-size N --get-size M
+
+POST /api/v1/redeem parses the (small) JSON body and answers N bytes; GET /api/v1/token/{token}
+answers M bytes.  What the daemon adds on top of this floor (parsing, the store, metrics,
+its request plumbing) is what its ratio to the baseline measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from klein import Klein
+from twisted.web.server import Site
+
+
+def body_of_size(size: int) -> bytes:
+    empty = b'{"status":"ok","pad":""}'
+    return empty[:-2] + b"x" * max(0, size - len(empty)) + empty[-2:]
+
+
+class QuietSite(Site):
+    # The daemon writes no access log either; formatting one would only slow the floor down.
+    noisy = False
+
+    def log(self, request: object) -> None:
+        pass
+
+
+def build(post_size: int, get_size: int) -> Klein:
+    app = Klein()
+    post_body, get_body = body_of_size(post_size), body_of_size(get_size)
+
+    def answer(request: Any, body: bytes) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return body
+
+    @app.route("/api/v1/redeem", methods=["POST"])
+    def redeem(request: Any) -> bytes:
+        json.loads(request.content.read())
+        return answer(request, post_body)
+
+    @app.route("/api/v1/token/<string:token>", methods=["GET"])
+    def token(request: Any, token: str) -> bytes:
+        return answer(request, get_body)
+
+    return app
+
+
+def main() -> None:
+    from twisted.internet import reactor as installed  # noqa: TID251 - an entry point
+
+    reactor: Any = installed
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("port", type=int)
+    parser.add_argument("--post-size", type=int, default=100)
+    parser.add_argument("--get-size", type=int, default=100)
+    args = parser.parse_args()
+    site = QuietSite(build(args.post_size, args.get_size).resource())
+    reactor.listenTCP(args.port, site, interface="127.0.0.1")
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,637 @@
+"""Benchmark the real daemon: HTTP scenarios against a bare-Klein baseline, monitor ingest, and
+storage scale (issue #6; the method and the figures are in docs/performance.md).
+
+Run it through ``bench/run``, which sets up the venv and installs wrk first.  Everything runs on
+loopback in a temporary directory: the real ``twistd -n anonticket`` with tcp endpoints and
+SQLite, seeded through the store; wrk with one thread (bench/scenario.lua) as load generator.
+Each table row gets a freshly started daemon, so what one scenario leaves behind (memory, caches)
+never weighs on the next and its peak RSS is its own.  Progress goes to stderr, tables to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+BENCH = Path(__file__).resolve().parent
+LUA = BENCH / "scenario.lua"
+PYTHON = sys.executable
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+SCENARIOS = ("unknown", "success", "retry", "introspect", "mixed")
+# "<status>/<body status or error code>" of a correct answer; anything else is an error.  An
+# unknown PID is a 404 by design.
+EXPECTED = {
+    "unknown": {"404/payment_not_found"},
+    "success": {"200/success"},
+    "retry": {"200/already_claimed"},
+    "introspect": {"200/active"},
+    "mixed": {"200/active", "200/already_claimed", "404/payment_not_found"},
+}
+BASELINE_EXPECTED = {"200/ok"}
+# Issue #6 targets: requests/s as a share of the baseline's; p99 at most 1.5x the baseline's.
+TARGET_RATIO = {"unknown": 0.85, "success": 0.50, "introspect": 0.75, "mixed": 0.70}
+P99_FACTOR = 1.5
+MONITOR_TARGET = 5_000  # credited transfers/s
+SCALE_RSS_TARGET = 80.0  # MB with 1,000,000 payments stored
+
+# Both sets of defaults; an option given on the command line wins over either.
+DEFAULTS = {
+    "duration": 10,
+    "warmup": 3,
+    "connections": "16,64",
+    "payments": 200_000,
+    "claimed": 10_000,
+    "monitor_transfers": 100_000,
+    "monitor_heights": 10_000,
+    "scale_payments": 1_000_000,
+}
+QUICK = {
+    "duration": 1,
+    "warmup": 1,
+    "connections": "16",
+    "payments": 10_000,
+    "claimed": 1_000,
+    "monitor_transfers": 5_000,
+    "monitor_heights": 500,
+    "scale_payments": 20_000,
+}
+# Success requests a run can use up at most, per second: lists this many unclaimed PIDs per
+# second of success runs (well above what one Python process claims).
+MAX_CLAIMS_PER_SECOND = 10_000
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    # PR_SET_PDEATHSIG: nothing we start may outlive an interrupted bench.
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+
+
+class Process:
+    """A child serving on a loopback port, its output in ``log``; ready once it accepts."""
+
+    def __init__(self, argv: list[str], log: Path, port: int) -> None:
+        self.log = log
+        self.url = f"http://127.0.0.1:{port}"
+        with open(log, "ab") as out:
+            self.popen = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            )
+        self.wait_listening(port)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait_listening(self, port: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                tail = self.log.read_text(errors="replace")[-3000:]
+                raise SystemExit(f"bench: the process logging to {self.log} exited:\n{tail}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise SystemExit(f"bench: nothing listening on port {port} after {timeout:.0f} s")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+    def peak_rss_mb(self) -> float:
+        """VmHWM: the resident set's high-water mark since the process started."""
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+        self.popen.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def http(method: str, url: str, body: bytes | None = None) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+class Daemon(Process):
+    """The real ``twistd -n anonticket`` on loopback tcp endpoints, SQLite in ``data_dir``."""
+
+    def __init__(self, data_dir: Path, *extra: str) -> None:
+        self.public, self.internal = free_port(), free_port()
+        argv = [
+            TWISTD, "-n", "--pidfile=", "anonticket",
+            "--data-dir", str(data_dir),
+            "--database", f"sqlite:///{data_dir / 'anonticket.sqlite3'}",
+            "--public", f"tcp:{self.public}:interface=127.0.0.1",
+            "--internal", f"tcp:{self.internal}:interface=127.0.0.1",
+            *extra,
+        ]  # fmt: skip
+        super().__init__(argv, data_dir.parent / f"{data_dir.name}-daemon.log", self.public)
+        self.wait_listening(self.internal)
+
+    def internal_get(self, path: str) -> bytes:
+        return http("GET", f"http://127.0.0.1:{self.internal}{path}")[1]
+
+    def metric(self, series: str) -> float:
+        for line in self.internal_get("/metrics").decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+
+class Baseline(Process):
+    """bench/baseline.py answering as many bytes as the daemon does."""
+
+    def __init__(self, log: Path, post_size: int, get_size: int) -> None:
+        port = free_port()
+        argv = [PYTHON, str(BENCH / "baseline.py"), str(port)]
+        argv += ["--post-size", str(post_size), "--get-size", str(get_size)]
+        super().__init__(argv, log, port)
+
+
+P = TypeVar("P", bound=Process)
+
+
+@contextmanager
+def running(process: P) -> Iterator[P]:
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+# --- seeding and wrk ------------------------------------------------------------------------
+
+
+@dataclass
+class Seeded:
+    """A data directory seeded through the store (bench/seed.py), and the wrk input files."""
+
+    data: Path
+    inputs: Path
+    available: int  # unclaimed PIDs listed for the success scenario
+    seconds: float  # how long seeding took
+    consumed: int = 0  # of which success runs have claimed so far: the next run starts after
+
+    @classmethod
+    def make(cls, tmp: Path, name: str, payments: int, claimed: int, listed: int) -> Seeded:
+        data, inputs = tmp / f"{name}-data", tmp / f"{name}-inputs"
+        say(f"seeding {payments:,} payments ({claimed:,} of them redeemed) ...")
+        started = time.monotonic()
+        subprocess.run(
+            [PYTHON, str(BENCH / "seed.py"), str(data), str(inputs), "--payments", str(payments),
+             "--claimed", str(claimed), "--list-max", str(listed)],
+            check=True,
+        )  # fmt: skip
+        took = time.monotonic() - started
+        return cls(data, inputs, min(listed, payments - claimed), took)
+
+    def files(self, scenario: str) -> tuple[Path | None, Path | None]:
+        """The (PIDs, tokens) files a scenario's wrk script reads."""
+        unclaimed, claimed, tokens = (self.inputs / f"{n}.txt" for n in SEEDED_FILES)
+        return {
+            "unknown": (None, None),
+            "success": (unclaimed, None),
+            "retry": (claimed, None),
+            "introspect": (None, tokens),
+            "mixed": (claimed, tokens),
+        }[scenario]
+
+
+SEEDED_FILES = ("unclaimed", "claimed", "tokens")
+
+
+@dataclass
+class Run:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    socket_errors: int
+    sent: int  # requests generated (PIDs used), completed or not
+    statuses: dict[str, int]
+    others: float  # CPU (in cores) used by processes other than wrk and the server meanwhile
+
+    def errors(self, expected: set[str]) -> int:
+        wrong = sum(n for key, n in self.statuses.items() if key not in expected)
+        return self.socket_errors + wrong
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time all processes have used, from the first line of /proc/stat."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS  # less idle and iowait
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of the children that have exited (wrk, once subprocess.run returns)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wrk(
+    server: Process, scenario: str, connections: int, seconds: int, seeded: Seeded, log: Path
+) -> Run:
+    pids, tokens = seeded.files(scenario)
+    argv = [
+        "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(LUA),
+        server.url,
+        "--", scenario, str(seeded.consumed), str(pids or "-"), str(tokens or "-"),
+        str(random.randrange(1, 2**31)),
+    ]  # fmt: skip
+    # What other processes used meanwhile tells how noisy the machine was for this run.
+    before = busy_cpu_seconds(), server.cpu_seconds(), children_cpu_seconds()
+    started = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
+    wall = time.monotonic() - started
+    ours = server.cpu_seconds() - before[1] + children_cpu_seconds() - before[2]  # + wrk
+    others = max(0.0, (busy_cpu_seconds() - before[0] - ours) / wall)
+    with open(log, "a") as out:
+        out.write(" ".join(argv) + "\n" + done.stdout + done.stderr + "\n")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"bench: wrk failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    data = json.loads(lines[-1].removeprefix("BENCH "))
+    return Run(
+        rps=data["requests"] / (data["duration_us"] / 1e6),
+        p50_ms=data["p50_us"] / 1000,
+        p99_ms=data["p99_us"] / 1000,
+        socket_errors=sum(data[k] for k in ("connect", "read", "write", "timeout")),
+        sent=data["sent"],
+        statuses=data["statuses"],
+        others=others,
+    )
+
+
+def measure(
+    args: argparse.Namespace, server: Process, scenario: str, conns: int, seeded: Seeded, log: Path
+) -> Run:
+    """A warm-up run, then the measured run (its figures are returned)."""
+    result: Run | None = None
+    for seconds in (args.warmup, args.duration):
+        if seconds > 0:
+            result = wrk(server, scenario, conns, seconds, seeded, log)
+            if scenario == "success" and isinstance(server, Daemon):  # claims are for good
+                seeded.consumed += result.sent
+    if seeded.consumed > seeded.available:
+        say(f"warning: success ran past the {seeded.available:,} listed PIDs (extra requests "
+            "are retries, counted as errors); raise --payments")  # fmt: skip
+    assert result is not None
+    return result
+
+
+def measure_daemon(
+    args: argparse.Namespace, scenario: str, conns: int, seeded: Seeded, log: Path
+) -> tuple[Run, float]:
+    """Warm-up and measured run against a freshly started daemon: (the run, its peak RSS)."""
+    with running(Daemon(seeded.data, "--no-monitor")) as daemon:
+        return measure(args, daemon, scenario, conns, seeded, log), daemon.peak_rss_mb()
+
+
+# --- the HTTP scenarios ---------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    scenario: str
+    connections: int
+    run: Run
+    base: Run | None
+    rss_mb: float
+
+    @property
+    def errors(self) -> int:
+        return self.run.errors(EXPECTED[self.scenario])
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.base is None else self.run.rps / self.base.rps
+
+    @property
+    def p99_ratio(self) -> float | None:
+        return None if self.base is None else self.run.p99_ms / self.base.p99_ms
+
+    def misses(self) -> list[str]:
+        missed = []
+        target = TARGET_RATIO.get(self.scenario)
+        if target is not None and self.ratio is not None and self.ratio < target:
+            missed.append(f"req/s<{target:.0%}")
+        if self.p99_ratio is not None and self.p99_ratio > P99_FACTOR:
+            missed.append(f"p99>{P99_FACTOR}x")
+        if self.errors or (self.base and self.base.errors(BASELINE_EXPECTED)):
+            missed.append("errors")
+        return missed
+
+
+def probe_sizes(seeded: Seeded) -> dict[str, tuple[int, int]]:
+    """Body sizes of the daemon's answers, so the baseline answers as many bytes:
+    scenario -> (POST answer size, GET answer size)."""
+    pid = (seeded.inputs / "claimed.txt").read_text().split()[0]
+    token = (seeded.inputs / "tokens.txt").read_text().split()[0]
+    with running(Daemon(seeded.data, "--no-monitor")) as daemon:
+        url = daemon.url
+        unknown = http("POST", f"{url}/api/v1/redeem", b'{"pid":"%016x"}' % random.getrandbits(63))
+        retry = http("POST", f"{url}/api/v1/redeem", b'{"pid":"%s"}' % pid.encode())
+        introspect = http("GET", f"{url}/api/v1/token/{token}")
+    assert (unknown[0], retry[0], introspect[0]) == (404, 200, 200), (unknown, retry, introspect)
+    success = retry[1].replace(b'"already_claimed"', b'"success"')
+    get = len(introspect[1])
+    return {
+        "unknown": (len(unknown[1]), get),
+        "success": (len(success), get),
+        "retry": (len(retry[1]), get),
+        "introspect": (len(retry[1]), get),
+        "mixed": (len(retry[1]), get),
+    }
+
+
+def http_bench(args: argparse.Namespace, tmp: Path) -> list[Row]:
+    success_seconds = (args.warmup + args.duration) * len(args.connections)
+    listed = min(args.payments, MAX_CLAIMS_PER_SECOND * success_seconds)
+    seeded = Seeded.make(tmp, "http", args.payments, args.claimed, listed)
+    sizes = probe_sizes(seeded)
+    log = tmp / "wrk.log"
+    rows: list[Row] = []
+    for scenario in args.scenarios:
+        for conns in args.connections:
+            say(f"{scenario} @ {conns} connections ...")
+            run, rss = measure_daemon(args, scenario, conns, seeded, log)
+            with running(Baseline(tmp / "baseline.log", *sizes[scenario])) as baseline:
+                base = measure(args, baseline, scenario, conns, seeded, log)
+            rows.append(Row(scenario, conns, run, base, rss))
+    return rows
+
+
+# --- monitor ingest -------------------------------------------------------------------------
+
+
+@dataclass
+class Ingest:
+    transfers: int
+    heights: int
+    credited: int
+    seconds: float
+    rss_mb: float
+
+    @property
+    def rate(self) -> float:
+        return self.credited / self.seconds
+
+
+def monitor_bench(args: argparse.Namespace, tmp: Path) -> Ingest:
+    """The daemon's monitor catching up on a stand-in wallet's history: from the wallet's first
+    call until the internal /healthz shows the cursor at the top."""
+    port, stats = free_port(), tmp / "wallet-stats.json"
+    n, top = args.monitor_transfers, args.monitor_heights
+    say(f"monitor ingest: {n:,} transfers over {top:,} blocks ...")
+    wallet_argv = [PYTHON, str(BENCH / "fakewallet.py"), str(port), str(stats)]
+    wallet_argv += ["--transfers", str(n), "--heights", str(top), "--confirmations", "10"]
+    with running(Process(wallet_argv, tmp / "fakewallet.log", port)):
+        daemon = Daemon(
+            tmp / "monitor-data",
+            "--wallet-rpc", f"http://127.0.0.1:{port}",
+            "--poll-interval", "1",
+            "--min-confirmations", "10",
+        )  # fmt: skip
+        with running(daemon):
+            deadline = time.monotonic() + 600
+            health: dict[str, object] = {}
+            while time.monotonic() < deadline and health.get("cursor") != top:
+                time.sleep(0.05)
+                health = json.loads(daemon.internal_get("/healthz"))
+            if health.get("cursor") != top:
+                raise SystemExit(f"bench: the monitor did not catch up: {health}")
+            finished = time.time()
+            credited = daemon.metric('anonticket_monitor_transfers_total{outcome="credited"}')
+            first_call = json.loads(stats.read_text())["first_call"]
+            return Ingest(n, top, int(credited), finished - first_call, daemon.peak_rss_mb())
+
+
+# --- storage scale --------------------------------------------------------------------------
+
+
+@dataclass
+class Scale:
+    seeded: Seeded
+    payments: int
+    db_mb: float
+    rows: list[Row]
+
+
+def scale_bench(args: argparse.Namespace, tmp: Path) -> Scale:
+    """Redeem latency and the daemon's memory with many payments stored."""
+    listed = MAX_CLAIMS_PER_SECOND * (args.warmup + args.duration) * len(args.connections)
+    seeded = Seeded.make(tmp, "scale", args.scale_payments, 1_000, listed)
+    db_mb = sum(f.stat().st_size for f in seeded.data.glob("anonticket.sqlite3*")) / 2**20
+    rows = []
+    for scenario in ("success", "unknown"):
+        for conns in args.connections:
+            say(f"scale: {scenario} @ {conns} connections ...")
+            run, rss = measure_daemon(args, scenario, conns, seeded, tmp / "wrk.log")
+            rows.append(Row(scenario, conns, run, None, rss))
+    return Scale(seeded, args.scale_payments, db_mb, rows)
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table, aligned so that it reads as well in a terminal."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def fmt(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report_http(rows: list[Row]) -> str:
+    header = [
+        "scenario", "conns", "req/s", "p50 ms", "p99 ms", "errors", "base req/s", "base p99 ms",
+        "ratio", "p99/base", "peak RSS MB", "others CPU", "targets",
+    ]  # fmt: skip
+    body = [
+        [
+            r.scenario, str(r.connections), fmt(r.run.rps, ",.0f"), fmt(r.run.p50_ms),
+            fmt(r.run.p99_ms), str(r.errors), fmt(r.base.rps, ",.0f"), fmt(r.base.p99_ms),
+            fmt(r.ratio), fmt(r.p99_ratio), fmt(r.rss_mb, ".1f"),
+            fmt(max(r.run.others, r.base.others)),
+            "MISS " + ", ".join(r.misses()) if r.misses() else "met",
+        ]
+        for r in rows
+        if r.base is not None
+    ]  # fmt: skip
+    answers = [
+        "",
+        "ratio: req/s over the baseline's; others CPU: cores busy with processes other than wrk "
+        "and the server under test during the daemon's or the baseline's run, whichever was "
+        "more (0 on a quiet machine)",
+        "",
+        "answers (daemon | baseline):",
+    ]
+    for r in rows:
+        daemon = ", ".join(f"{k} {n:,}" for k, n in sorted(r.run.statuses.items()))
+        base = ", ".join(f"{k} {n:,}" for k, n in sorted(r.base.statuses.items())) if r.base else ""
+        extra = f", {r.run.socket_errors} socket errors" if r.run.socket_errors else ""
+        answers.append(f"  {r.scenario} @ {r.connections}: {daemon}{extra} | {base}")
+    return table(header, body) + "\n" + "\n".join(answers)
+
+
+def report_ingest(ingest: Ingest) -> str:
+    met = ingest.rate >= MONITOR_TARGET and ingest.credited == ingest.transfers
+    return table(
+        ["transfers", "blocks", "credited", "catch-up s", "credited/s", "peak RSS MB", "target"],
+        [[
+            f"{ingest.transfers:,}", f"{ingest.heights:,}", f"{ingest.credited:,}",
+            fmt(ingest.seconds), fmt(ingest.rate, ",.0f"), fmt(ingest.rss_mb, ".1f"),
+            f"{'met' if met else 'MISS'} (>= {MONITOR_TARGET:,}/s)",
+        ]],
+    )  # fmt: skip
+
+
+def report_scale(scale: Scale) -> str:
+    header = ["scenario", "conns", "req/s", "p50 ms", "p99 ms", "errors", "peak RSS MB"]
+    header += ["others CPU", "target"]
+    body = [
+        [
+            r.scenario, str(r.connections), fmt(r.run.rps, ",.0f"), fmt(r.run.p50_ms),
+            fmt(r.run.p99_ms), str(r.errors), fmt(r.rss_mb, ".1f"), fmt(r.run.others),
+            "met" if r.rss_mb <= SCALE_RSS_TARGET else f"MISS (RSS > {SCALE_RSS_TARGET:.0f} MB)",
+        ]
+        for r in scale.rows
+    ]  # fmt: skip
+    note = (
+        f"{scale.payments:,} payments stored (seeded through the store in "
+        f"{scale.seeded.seconds:.0f} s); database {scale.db_mb:.0f} MB"
+    )
+    return note + "\n\n" + table(header, body)
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout
+    return (
+        f"machine: {os.cpu_count()} CPUs, {models[0] if models else platform.machine()}; "
+        f"Python {platform.python_version()}; {wrk_version.split('[')[0].strip()} (-t1); "
+        f"load average before: {os.getloadavg()[0]:.2f}"
+    )
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--duration", type=int, help="seconds per measured run (default 10)")
+    add("--warmup", type=int, help="seconds of warm-up before each (default 3; 0: none)")
+    add("--connections", help='comma list of wrk connection counts (default "16,64")')
+    add("--payments", type=int, help="payments seeded for the HTTP scenarios (default 200,000)")
+    add("--claimed", type=int, help="of which redeemed up front (default 10,000)")
+    add("--scenarios", default=",".join(SCENARIOS), help="comma list (default: all; '' none)")
+    add("--quick", action="store_true", help="tiny sizes, 1 s runs, 16 connections (smoke test)")
+    add("--monitor", action="store_true", help="also run the monitor ingest benchmark")
+    add("--monitor-transfers", type=int, help="default 100,000")
+    add("--monitor-heights", type=int, help="blocks they are spread over (default 10,000)")
+    add("--scale", action="store_true", help="also run the storage scale benchmark")
+    add("--scale-payments", type=int, help="default 1,000,000")
+    add("--keep", action="store_true", help="keep the temporary directory (logs, databases)")
+    args = parser.parse_args(argv)
+    for name, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.connections = [int(c) for c in str(args.connections).split(",") if c]
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    if not 0 < args.claimed < args.payments:
+        parser.error("--claimed must be positive and below --payments")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if shutil.which("wrk") is None:
+        say("bench: wrk is not installed; bench/run installs it (apt-get install wrk)")
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="anonticket-bench-"))
+    sections = [machine()]
+    try:
+        if args.scenarios:
+            rows = http_bench(args, tmp)
+            sections.append(
+                f"HTTP scenarios: {args.payments:,} payments stored; wrk -t1, {args.warmup} s "
+                f"warm-up, then {args.duration} s measured; baseline = bench/baseline.py\n\n"
+                + report_http(rows)
+            )
+        if args.monitor:
+            sections.append("monitor ingest\n\n" + report_ingest(monitor_bench(args, tmp)))
+        if args.scale:
+            sections.append("storage scale\n\n" + report_scale(scale_bench(args, tmp)))
+    finally:
+        if args.keep:
+            say(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    sections.append(f"load average after: {os.getloadavg()[0]:.2f}")
+    print("\n\n".join(sections), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

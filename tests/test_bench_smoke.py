@@ -1,0 +1,57 @@
+"""The benchmark still runs (bench/bench.py --quick): no figure is checked, only that every
+piece works end to end (seeding, the daemon, wrk and its Lua script, the baseline, the table)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="wrk is not installed (bench/run installs it)"
+)
+def test_quick_bench_prints_its_table():
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--scenarios", "unknown,introspect"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| ") and "scenario" in line)
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    assert columns == [
+        "scenario",
+        "conns",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "base req/s",
+        "base p99 ms",
+        "ratio",
+        "p99/base",
+        "peak RSS MB",
+        "others CPU",
+        "targets",
+    ]
+    rows = {
+        cells[0]: cells
+        for line in lines
+        if line.startswith("| ") and line != header
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    assert set(rows) == {"unknown", "introspect"}
+    for cells in rows.values():
+        assert cells[1] == "16"
+        assert float(cells[2].replace(",", "")) > 0  # requests/s
+        assert cells[5] == "0", result.stdout  # errors: every answer was the expected one
+    assert "unknown @ 16: 404/payment_not_found" in result.stdout
+    assert "introspect @ 16: 200/active" in result.stdout
