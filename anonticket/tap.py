@@ -62,7 +62,7 @@ def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> Anont
     metrics = metrics if metrics is not None else Metrics()
     root = AnonticketService()
     store = Store(reactor, config.database, config.data_dir)
-    StoreService(store).setServiceParent(root)
+    StoreService(store, reactor).setServiceParent(root)
 
     monitor: MonitorService | None = None
     if config.monitor:

@@ -282,6 +282,8 @@ def test_two_nodes_on_one_postgresql_credit_every_payment_exactly_once(chain, pg
                 chain.pay(address, payments[pid])
             height = chain.mine(N)
             monitor_node.wait_for_height(height)
+            # The API node reads new payment rows into its known-PID filter every second.
+            time.sleep(2)
             urls = [monitor_node.public_url, api_node.public_url] * 4
             jobs = [(pid, url) for pid in payments for url in urls]
             random.Random(3).shuffle(jobs)

@@ -123,6 +123,7 @@ async def test_healthz_reports_store_and_disabled_monitor(daemon, http):
 
 @pytest_twisted.ensureDeferred
 async def test_healthz_is_503_when_the_store_fails(daemon, http):
+    await daemon.store.record_transfers([transfer(PID, 1)], now=1)  # a PID the store must ask
     daemon.store.close()
     try:
         code, body, _ = await get_json(http, daemon.internal_url + "/healthz")

@@ -161,6 +161,7 @@ async def test_two_pools_on_one_database_claim_exactly_once_without_lock_errors(
         await a.record_transfers(
             [transfer(p.raw, i + 1, amount=100 + i) for i, p in enumerate(pids)], now=1
         )
+        await b.sync_known()  # what the other node's StoreService does every second
         calls = [s.redeem(p, 5) for p in pids for s in (a, b, a, b)]
         results = await gatherResults(calls)
         for i, p in enumerate(pids):
@@ -407,3 +408,54 @@ async def test_unclaimed_flagged_payment_reads_as_pending(store):
     await store.record_transfers([transfer(PID.raw, 1, height=105)], now=1, wallet_height=120)
     await store.record_transfers([], now=2, recheck_from=100)
     assert await store.redeem(PID, 3) == Pending(height=0, wallet_height=120)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_pids_are_answered_without_the_database(store, monkeypatch):
+    calls = []
+    original = store._run
+    monkeypatch.setattr(store, "_run", lambda fn, *a: (calls.append(fn), original(fn, *a))[1])
+    assert isinstance(await store.redeem(PID, 1), NotFound)
+    assert calls == []
+    await store.record_transfers([transfer(PID.raw, 1)], now=1)
+    calls.clear()
+    assert (await store.redeem(PID, 2)).first_claim  # recorded here: known at once
+    assert len(calls) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_another_node_learns_new_payments_at_its_next_sync(store):
+    other = another(store)
+    try:
+        await store.record_transfers([transfer(PID.raw, 1, amount=9)], now=1)
+        assert isinstance(await other.redeem(PID, 2), NotFound)  # not yet synced
+        await other.sync_known()
+        assert (await other.redeem(PID, 3)).balance == 9
+        # Reopened, a node reads every payment into its filter at start.
+        third = another(store)
+        try:
+            assert (await third.redeem(PID, 4)).first_claim is False
+        finally:
+            third.close()
+    finally:
+        other.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_filter_is_rebuilt_bigger_once_full(store, monkeypatch):
+    from anonticket.store import known
+
+    monkeypatch.setattr(known, "MIN_CAPACITY", 10)
+    store._known = known.KnownTags(capacity=10)
+    pids = [PaymentId((i + 1).to_bytes(8, "big")) for i in range(30)]
+    other = another(store)
+    try:
+        await other.record_transfers([transfer(p.raw, i + 1) for i, p in enumerate(pids)], now=1)
+        await store.sync_known()  # reads the rows in: now past capacity
+        assert store._known.full
+        await store.sync_known()  # rebuilds
+        assert not store._known.full and store._known.capacity >= 60
+        for p in pids:
+            assert isinstance(await store.redeem(p, 2), Redeemed)
+    finally:
+        other.close()

@@ -5,22 +5,26 @@ monitor.  Callers get Deferreds of plain records (:mod:`anonticket.store.records
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from anonticket.domain import PaymentId, ServiceToken
 from anonticket.keys import Tagger, load_or_create_secret_key, prepare_data_dir
 from anonticket.store import queries
 from anonticket.store.dialect import DatabaseError, Dialect, dialect_for
+from anonticket.store.known import KnownTags
 from anonticket.store.records import (
     MonitorState,
+    NotFound,
     PaymentStatus,
     RecordResult,
     RedeemResult,
@@ -34,6 +38,8 @@ T = TypeVar("T")
 
 log = Logger()
 
+_KNOWN_OVERLAP = 1000
+
 
 class Store:
     """The typed face of the database.  Open with :meth:`open`, close with :meth:`close`."""
@@ -45,6 +51,8 @@ class Store:
         self._dialect: Dialect = dialect_for(database)
         self._pool: adbapi.ConnectionPool | None = None
         self._tagger: Tagger | None = None
+        self._known: KnownTags | None = None
+        self._known_upto = 0  # highest payments.id the filter has read
         # Called with each PID the monitor records as payable, after its batch commits, so a
         # negative cache never hides a payment that has just been seen.
         self.payment_listeners: list[Callable[[PaymentId], None]] = []
@@ -64,6 +72,11 @@ class Store:
         prepare_data_dir(self._data_dir)
         self._tagger = Tagger(load_or_create_secret_key(self._data_dir))
         migrate(self._dialect)
+        conn = self._dialect.connect()
+        try:
+            self._known, self._known_upto = queries.load_known(conn, self._dialect)
+        finally:
+            conn.close()
         args, kwargs = self._dialect.connect_args()
         self._pool = adbapi.ConnectionPool(
             self._dialect.module,
@@ -88,7 +101,37 @@ class Store:
         return d
 
     def redeem(self, pid: PaymentId, now: int) -> Deferred[RedeemResult]:
+        if self._known is not None and self.tagger.pid_tag(pid.raw) not in self._known:
+            # No payment was ever recorded for this PID: no need to ask the database.
+            return succeed(NotFound())
         return self._run(queries.redeem, self.tagger, pid, now)
+
+    def sync_known(self) -> Deferred[None]:
+        """Read payment rows other processes (a monitor on another node) added since the last
+        call into the filter; rebuild it bigger once it is full."""
+        known = self._known
+        if known is None or self._pool is None:
+            return succeed(None)
+        if known.full:
+            d = self._run(queries.load_known)
+
+            def rebuilt(result: tuple[KnownTags, int]) -> None:
+                self._known, self._known_upto = result
+
+            return d.addCallback(rebuilt)
+        # Re-read a short overlap: a batch that committed after a later-numbered one (ids are
+        # allocated at insert, visible at commit) is still picked up.
+        since = max(0, self._known_upto - _KNOWN_OVERLAP)
+        d2 = self._run(queries.payment_tags_since, since)
+
+        def add(rows: list[tuple[int, bytes]]) -> None:
+            for row_id, tag in rows:
+                if row_id > self._known_upto or tag not in known:
+                    known.add(tag)
+            if rows:
+                self._known_upto = max(self._known_upto, rows[-1][0])
+
+        return d2.addCallback(add)
 
     def token_status(self, token: ServiceToken) -> Deferred[TokenRecord | None]:
         return self._run(queries.token_status, self.tagger.token_tag(token.raw))
@@ -117,6 +160,9 @@ class Store:
         )
 
         def notify(result: RecordResult) -> RecordResult:
+            if self._known is not None:
+                for t in transfers:
+                    self._known.add(self.tagger.pid_tag(t.pid))
             for t in transfers:
                 if t.status in (PaymentStatus.PENDING, PaymentStatus.UNCLAIMED):
                     pid = PaymentId(t.pid)
@@ -154,17 +200,41 @@ def migrate(dialect: Dialect) -> int:
 
 
 class StoreService(Service):
-    """Opens the store when started and closes it when stopped (after the sites and monitor)."""
+    """Opens the store when started and closes it when stopped (after the sites and monitor);
+    meanwhile keeps its filter of known PIDs in step with the database."""
 
     name = "store"
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, clock: IReactorTime, sync_interval: float = 1.0) -> None:
         self.store = store
+        self._clock = clock
+        self._interval = sync_interval
+        self._loop: LoopingCall | None = None
+        self._loop_done: Deferred[LoopingCall] | None = None
 
     def startService(self) -> None:
         self.store.open()
         super().startService()
+        self._loop = LoopingCall(self._sync)
+        self._loop.clock = self._clock
+        self._loop_done = self._loop.start(self._interval, now=False)
 
-    def stopService(self) -> Deferred[None] | None:
+    def _sync(self) -> Deferred[None]:
+        def failed(failure: Failure) -> None:
+            # Never let the loop die: the next tick tries again.
+            log.warn(
+                "store: refreshing the known-PID filter failed: {error_type}",
+                error_type=failure.type.__name__ if failure.type else "error",
+            )
+
+        return self.store.sync_known().addErrback(failed)
+
+    @inlineCallbacks
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
+        super().stopService()
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()
+            if self._loop_done is not None:
+                yield self._loop_done  # a refresh in flight finishes before the pool closes
         self.store.close()
-        return super().stopService()  # type: ignore[no-any-return]

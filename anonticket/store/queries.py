@@ -13,6 +13,7 @@ from typing import Any
 from anonticket.domain import PaymentId, derive_service_token
 from anonticket.keys import Tagger
 from anonticket.store.dialect import Dialect
+from anonticket.store.known import KnownTags
 from anonticket.store.records import (
     BelowMinimum,
     MonitorState,
@@ -39,15 +40,21 @@ def redeem(txn: Txn, d: Dialect, tagger: Tagger, pid: PaymentId, now: int) -> Re
     ``rowcount``: under any concurrency exactly one transaction gets each row.
     """
     pid_tag = tagger.pid_tag(pid.raw)
-    # Cheap read first: unknown PIDs (the common abusive case) never take the write lock.
-    probe = txn.execute(
+    # One read first: an unknown PID (the common abusive case) costs one indexed query and never
+    # takes the write lock.  A token implies claimed payments, so no payment means no token.
+    rows = txn.execute(
         d.sql(
-            "SELECT 1 FROM payments WHERE pid_tag = ? AND status = ? AND flagged_at IS NULL LIMIT 1"
+            "SELECT status, flagged_at IS NOT NULL, max(height) FROM payments "
+            "WHERE pid_tag = ? GROUP BY status, flagged_at IS NOT NULL"
         ),
-        (pid_tag, int(PaymentStatus.UNCLAIMED)),
-    ).fetchone()
+        (pid_tag,),
+    ).fetchall()
+    if not rows:
+        return NotFound()
+    seen = {(int(status), bool(flagged)): int(height) for status, flagged, height in rows}
+    claimable = (PaymentStatus.UNCLAIMED, False) in seen
     claimed: list[tuple[bytes, int, int]] = []
-    if probe is not None:
+    if claimable:
         txn.execute(d.begin_write)
         claimed = txn.execute(
             d.sql(
@@ -81,28 +88,23 @@ def redeem(txn: Txn, d: Dialect, tagger: Tagger, pid: PaymentId, now: int) -> Re
         return Redeemed(
             derive_service_token(pid, bytes(row[0]).hex()), int(row[1]), first_claim=False
         )
-    row = txn.execute(
-        d.sql("SELECT first_txid, balance FROM tokens WHERE pid_tag = ?"), (pid_tag,)
-    ).fetchone()
-    if row is not None:
-        return Redeemed(
-            derive_service_token(pid, bytes(row[0]).hex()), int(row[1]), first_claim=False
-        )
+    if claimable or any(status == PaymentStatus.CLAIMED for status, _ in seen):
+        # Claimed before, or just now by a concurrent redeem: the token exists.
+        row = txn.execute(
+            d.sql("SELECT first_txid, balance FROM tokens WHERE pid_tag = ?"), (pid_tag,)
+        ).fetchone()
+        if row is not None:
+            return Redeemed(
+                derive_service_token(pid, bytes(row[0]).hex()), int(row[1]), first_claim=False
+            )
     # What is left: pending payments, unclaimed ones flagged by a reorg (pending again until
-    # the wallet reports them again), dust, legacy or nothing.
-    statuses = txn.execute(
-        d.sql(
-            "SELECT status, max(height) FROM payments WHERE pid_tag = ? "
-            "AND (status <> ? OR flagged_at IS NOT NULL) GROUP BY status"
-        ),
-        (pid_tag, int(PaymentStatus.UNCLAIMED)),
-    ).fetchall()
-    by_status = {int(status): int(height) for status, height in statuses}
-    if PaymentStatus.PENDING in by_status:
-        return Pending(by_status[PaymentStatus.PENDING], _state(txn, d).wallet_height)
-    if PaymentStatus.UNCLAIMED in by_status:
+    # the wallet reports them again), dust, or nothing redeemable.
+    pending = [h for (status, _), h in seen.items() if status == PaymentStatus.PENDING]
+    if pending:
+        return Pending(max(pending), _state(txn, d).wallet_height)
+    if (PaymentStatus.UNCLAIMED, True) in seen:
         return Pending(0, _state(txn, d).wallet_height)
-    if PaymentStatus.DUST in by_status:
+    if any(status == PaymentStatus.DUST for status, _ in seen):
         return BelowMinimum()
     return NotFound()
 
@@ -257,6 +259,26 @@ def _state(txn: Txn, d: Dialect) -> MonitorState:
 
 def monitor_state(txn: Txn, d: Dialect) -> MonitorState:
     return _state(txn, d)
+
+
+def load_known(cursor: Any, d: Dialect) -> tuple[KnownTags, int]:
+    """Every payment's PID tag in a fresh filter sized for twice today's table, and the highest
+    row id read.  *cursor* is a pool transaction or a plain connection (at start-up)."""
+    count, upto = cursor.execute("SELECT count(*), coalesce(max(id), 0) FROM payments").fetchone()
+    known = KnownTags(capacity=2 * int(count))
+    rows = cursor.execute(d.sql("SELECT pid_tag FROM payments WHERE id <= ?"), (upto,))
+    while batch := rows.fetchmany(10_000):
+        for (tag,) in batch:
+            known.add(bytes(tag))
+    return known, int(upto)
+
+
+def payment_tags_since(txn: Txn, d: Dialect, after_id: int) -> list[tuple[int, bytes]]:
+    rows = txn.execute(
+        d.sql("SELECT id, pid_tag FROM payments WHERE id > ? ORDER BY id LIMIT 10000"),
+        (after_id,),
+    ).fetchall()
+    return [(int(row_id), bytes(tag)) for row_id, tag in rows]
 
 
 def ping(txn: Txn, d: Dialect) -> bool:
