@@ -38,7 +38,7 @@ T = TypeVar("T")
 
 log = Logger()
 
-_KNOWN_OVERLAP = 1000
+_KNOWN_OVERLAP = 100
 
 
 class Store:
