@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from anonticket.domain import PaymentId, ServiceToken
 from anonticket.keys import Tagger, load_or_create_secret_key, prepare_data_dir
 from anonticket.store import queries
+from anonticket.store.batch import Batcher
 from anonticket.store.dialect import DatabaseError, Dialect, dialect_for
 from anonticket.store.known import KnownTags
 from anonticket.store.records import (
@@ -50,6 +51,7 @@ class Store:
         self._data_dir = data_dir
         self._dialect: Dialect = dialect_for(database)
         self._pool: adbapi.ConnectionPool | None = None
+        self._batcher: Batcher | None = None
         self._tagger: Tagger | None = None
         self._known: KnownTags | None = None
         self._known_upto = 0  # highest payments.id the filter has read
@@ -87,17 +89,23 @@ class Store:
             **self._dialect.pool_kwargs(),
             **kwargs,
         )
+        self._batcher = Batcher(
+            self._reactor, self._pool, self._dialect, self._dialect.pool_kwargs()["cp_max"]
+        )
 
     def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close(DatabaseError("store is closed"))
+            self._batcher = None
         if self._pool is not None:
             pool, self._pool = self._pool, None
             pool.close()
             log.info("store closed")
 
     def _run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        if self._pool is None:
+        if self._batcher is None:
             raise DatabaseError("store is not open")
-        d: Deferred[T] = self._pool.runInteraction(fn, self._dialect, *args)
+        d: Deferred[T] = self._batcher.submit(fn, *args)
         return d
 
     def redeem(self, pid: PaymentId, now: int) -> Deferred[RedeemResult]:
