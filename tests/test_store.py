@@ -459,3 +459,23 @@ async def test_the_filter_is_rebuilt_bigger_once_full(store, monkeypatch):
             assert isinstance(await store.redeem(p, 2), Redeemed)
     finally:
         other.close()
+
+
+def test_tags_are_libsodium_keyed_blake2b():
+    import nacl.encoding
+    import nacl.hash
+
+    from anonticket.keys import Tagger
+
+    key = bytes(range(32))
+    tagger = Tagger(key)
+    for data in (b"", PID.raw, b"x" * 200):
+        expected = nacl.hash.blake2b(
+            data,
+            digest_size=16,
+            key=key,
+            person=b"anonticket.pid",
+            encoder=nacl.encoding.RawEncoder,
+        )
+        assert tagger.pid_tag(data) == expected
+    assert tagger.pid_tag(PID.raw) != tagger.token_tag(PID.raw)  # domain separation
