@@ -328,25 +328,36 @@ class PrivacySite(server.Site):
         self.in_flight = 0
         self._drained: list[Deferred[None]] = []
         self._closed: list[Deferred[None]] = []
+        # Labelled children looked up once: labels() takes a lock and builds a key every call.
+        # Both label sets are small and fixed (routes, status codes).
+        self._in_flight_gauge = metrics.requests_in_flight.labels(name)
+        self._durations: dict[str, Any] = {}
+        self._responses: dict[tuple[str, int], Any] = {}
 
     def log(self, request: object) -> None:
         """No access log: a request line can hold a token, and who asked is nobody's business."""
 
     def count_response(self, route: str, code: int) -> None:
-        self.metrics.http_responses.labels(self.name, route, str(code)).inc()
+        child = self._responses.get((route, code))
+        if child is None:
+            child = self.metrics.http_responses.labels(self.name, route, str(code))
+            self._responses[(route, code)] = child
+        child.inc()
 
     def request_started(self, request: LimitedRequest) -> None:
         self.in_flight += 1
-        self.metrics.requests_in_flight.labels(self.name).inc()
+        self._in_flight_gauge.inc()
         started = self.clock.seconds()
 
         def done(_: object) -> None:
             self.in_flight -= 1
-            self.metrics.requests_in_flight.labels(self.name).dec()
+            self._in_flight_gauge.dec()
             route = request.route_label
-            self.metrics.http_duration.labels(self.name, route).observe(
-                self.clock.seconds() - started
-            )
+            duration = self._durations.get(route)
+            if duration is None:
+                duration = self.metrics.http_duration.labels(self.name, route)
+                self._durations[route] = duration
+            duration.observe(self.clock.seconds() - started)
             if request.finished:
                 self.count_response(route, request.code)
             if self.in_flight == 0:
