@@ -98,12 +98,12 @@ class InternalAPI:
     @app.route("/api/v1/token/<string:token>/revoke", methods=["POST"])
     async def revoke(self, request: IRequest, token: str) -> bytes:
         set_route(request, "revoke")
-        outcomes = self._metrics.revocations
+        outcomes = self._metrics.revoke_outcomes
         try:
             parsed = ServiceToken.parse(token)
             reason, score = _revoke_arguments(read_json_object(request, allow_empty=True))
         except Exception:
-            outcomes.labels("invalid").inc()
+            outcomes.count("invalid")
             raise
         now = int(self._clock.seconds())
         try:
@@ -111,13 +111,13 @@ class InternalAPI:
                 self._metrics, "revoke", lambda: self._store.revoke(parsed, reason, score, now)
             )
         except ApiError:
-            outcomes.labels("error").inc()
+            outcomes.count("error")
             raise
         if result is None:
-            outcomes.labels("not_found").inc()
+            outcomes.count("not_found")
             raise token_not_found()
         record, newly = result
-        outcomes.labels("revoked" if newly else "already_revoked").inc()
+        outcomes.count("revoked" if newly else "already_revoked")
         return respond(request, internal_token_view(record))
 
     @app.route("/healthz", methods=["GET"])

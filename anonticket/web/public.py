@@ -88,33 +88,33 @@ class PublicAPI:
     @app.route("/api/v1/redeem", methods=["POST"])
     async def redeem(self, request: IRequest) -> bytes:
         set_route(request, "redeem")
-        outcomes = self._metrics.redeems
+        outcomes = self._metrics.redeem_outcomes
         try:
             body = read_json_object(request)
             pid = PaymentId.parse(body.get("pid"))
         except Exception:
-            outcomes.labels("invalid").inc()
+            outcomes.count("invalid")
             raise
         if pid in self._unknown:
             self._metrics.negative_cache_hits.inc()
-            outcomes.labels("not_found").inc()
+            outcomes.count("not_found")
             raise payment_not_found()
         try:
             result = await store_call(
                 self._metrics, "redeem", lambda: self._store.redeem(pid, self._now())
             )
         except ApiError:
-            outcomes.labels("error").inc()
+            outcomes.count("error")
             raise
         match result:
             case Redeemed(token=token, balance=balance, first_claim=first):
                 status = "success" if first else "already_claimed"
-                outcomes.labels(status).inc()
+                outcomes.count(status)
                 return respond(
                     request, {"status": status, "service_token": token.hex, "balance": balance}
                 )
             case Pending(height=height, wallet_height=wallet_height):
-                outcomes.labels("pending").inc()
+                outcomes.count("pending")
                 confirmations = 0
                 if height > 0 and wallet_height is not None:
                     # The wallet's own count: a transfer at height h has (wallet height - h).
@@ -129,10 +129,10 @@ class PublicAPI:
                     202,
                 )
             case BelowMinimum():
-                outcomes.labels("below_minimum").inc()
+                outcomes.count("below_minimum")
                 raise below_minimum()
             case NotFound():
-                outcomes.labels("not_found").inc()
+                outcomes.count("not_found")
                 self._unknown.add(pid)
                 raise payment_not_found()
         raise AssertionError("unreachable")
@@ -140,24 +140,24 @@ class PublicAPI:
     @app.route("/api/v1/token/<string:token>", methods=["GET"])
     async def token(self, request: IRequest, token: str) -> bytes:
         set_route(request, "token")
-        lookups = self._metrics.token_lookups
+        lookups = self._metrics.lookup_outcomes
         try:
             parsed = ServiceToken.parse(token)
         except Exception:
-            lookups.labels("invalid").inc()
+            lookups.count("invalid")
             raise
         try:
             record = await store_call(
                 self._metrics, "token_status", lambda: self._store.token_status(parsed)
             )
         except ApiError:
-            lookups.labels("error").inc()
+            lookups.count("error")
             raise
         if record is None:
-            lookups.labels("not_found").inc()
+            lookups.count("not_found")
             raise token_not_found()
         view = token_view(record)
-        lookups.labels(view["status"]).inc()
+        lookups.count(view["status"])
         return respond(request, view)
 
     def _now(self) -> int:
