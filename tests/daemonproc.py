@@ -10,13 +10,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from anonticket.client import SOCKS_ENV
 
 from .children import dies_with_parent
 from .monero_regtest import free_port
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
+REPO = Path(__file__).resolve().parent.parent
 CLIENT = [str(Path(sys.executable).parent / "anonticket-client")]  # the console script
 
 
@@ -124,15 +128,26 @@ class Daemon:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def client(*args: str) -> tuple[int, Any]:
-    """Run ``anonticket-client ... --json``; (exit code, parsed JSON or the raw output)."""
-    result = subprocess.run(
-        [*CLIENT, *args, "--json"],
+def run_client(
+    *argv: str, command: Sequence[str] = CLIENT, timeout: float = 60, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``anonticket-client`` as a user would; a developer's own ``ANONTICKET_SOCKS`` is left
+    out so it cannot reroute a test (pass it in *env* to set it)."""
+    environ = {k: v for k, v in os.environ.items() if k != SOCKS_ENV}
+    return subprocess.run(
+        [*command, *argv],
         capture_output=True,
         text=True,
-        timeout=60,
-        env={**os.environ},
+        cwd=REPO,
+        timeout=timeout,
+        check=False,
+        env={**environ, **env},
     )
+
+
+def client(*args: str) -> tuple[int, Any]:
+    """Run ``anonticket-client ... --json``; (exit code, parsed JSON or the raw output)."""
+    result = run_client(*args, "--json")
     try:
         return result.returncode, json.loads(result.stdout)
     except ValueError:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import socket
 import subprocess
@@ -35,6 +34,7 @@ from anonticket.client import (
 from anonticket.store.records import PaymentStatus
 
 from .conftest import post_json, reactor, transfer
+from .daemonproc import run_client
 
 PRIMARY = (
     "4ADT1BtbxqEWeMKp9GgPr2NeyJXXtNxvoDawpyA4WpzFcGcoHUvXeijE66DNfohE9r1bQYaBiQjEtKE7CtkTdLwi"
@@ -382,16 +382,8 @@ async def test_odd_answers_are_reported_not_trusted(serve, code, body, exit_code
 
 
 def script(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if k != SOCKS_ENV}
-    return subprocess.run(
-        [sys.executable, "-m", "anonticket.client", *argv],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-        check=False,
-        env={**environ, **env},
-    )
+    # Through ``python -m``: the module's own entry point, not only the installed script.
+    return run_client(*argv, command=[sys.executable, "-m", "anonticket.client"], **env)
 
 
 def test_console_script_new():

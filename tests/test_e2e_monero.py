@@ -70,10 +70,9 @@ def chain() -> Iterator[Chain]:
         yield Chain(rt, payer, merchant, watch)
 
 
-@pytest.fixture(scope="module")
-def daemon(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(
-        tmp_path_factory.mktemp("e2e") / "data",
+def monitor_args(chain: Chain) -> list[str]:
+    """A daemon whose monitor reads the merchant's view-only wallet through Digest, quickly."""
+    return [
         "--wallet-rpc",
         chain.watch.url,
         "--wallet-rpc-login",
@@ -82,6 +81,14 @@ def daemon(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
         str(N),
         "--poll-interval",
         "0.2",
+    ]
+
+
+@pytest.fixture(scope="module")
+def daemon(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = Daemon(
+        tmp_path_factory.mktemp("e2e") / "data",
+        *monitor_args(chain),
     ).start()
     d.wait_for_height(chain.rt.daemon_height())
     yield d
@@ -258,14 +265,7 @@ def test_two_nodes_on_one_postgresql_credit_every_payment_exactly_once(chain, pg
         tmp_path / "a",
         "--database",
         database,
-        "--wallet-rpc",
-        chain.watch.url,
-        "--wallet-rpc-login",
-        ":".join(LOGIN),
-        "--min-confirmations",
-        str(N),
-        "--poll-interval",
-        "0.2",
+        *monitor_args(chain),
     ).start()
     try:
         # Every node must share the secret key: PIDs and tokens are stored as tags keyed by it.

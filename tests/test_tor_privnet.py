@@ -10,9 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from anonticket.client import SOCKS_ENV
 
 from . import tor_privnet
 from .conftest import reactor
+from .daemonproc import run_client
 
 pytestmark = [
     pytest.mark.skipif(
@@ -157,16 +156,7 @@ async def test_onion_served_through_private_network(onion, capsys):
 
 
 def client(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if k != SOCKS_ENV}
-    return subprocess.run(
-        [sys.executable, "-m", "anonticket.client", *argv],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=90,
-        check=False,
-        env={**environ, **env},
-    )
+    return run_client(*argv, timeout=90, **env)
 
 
 @pytest_twisted.ensureDeferred

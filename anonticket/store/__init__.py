@@ -109,10 +109,11 @@ class Store:
         return d
 
     def redeem(self, pid: PaymentId, now: int) -> Deferred[RedeemResult]:
-        if self._known is not None and self.tagger.pid_tag(pid.raw) not in self._known:
+        pid_tag = self.tagger.pid_tag(pid.raw)
+        if self._known is not None and pid_tag not in self._known:
             # No payment was ever recorded for this PID: no need to ask the database.
             return succeed(NotFound())
-        return self._run(queries.redeem, self.tagger, pid, now)
+        return self._run(queries.redeem, self.tagger, pid, pid_tag, now)
 
     def sync_known(self) -> Deferred[None]:
         """Read payment rows other processes (a monitor on another node) added since the last

@@ -33,13 +33,15 @@ _CURSOR = "cursor"
 _WALLET_HEIGHT = "wallet_height"
 
 
-def redeem(txn: Txn, d: Dialect, tagger: Tagger, pid: PaymentId, now: int) -> RedeemResult:
-    """Claim every confirmed, unclaimed payment of ``pid`` and credit it to the PID's token.
+def redeem(
+    txn: Txn, d: Dialect, tagger: Tagger, pid: PaymentId, pid_tag: bytes, now: int
+) -> RedeemResult:
+    """Claim every confirmed, unclaimed payment of ``pid`` (whose tag the caller has computed)
+    and credit it to the PID's token.
 
     The claim is decided by the rows the UPDATE returns, never by a prior SELECT or by
     ``rowcount``: under any concurrency exactly one transaction gets each row.
     """
-    pid_tag = tagger.pid_tag(pid.raw)
     # One read first: an unknown PID (the common abusive case) costs one indexed query and never
     # takes the write lock.  A token implies claimed payments, so no payment means no token.
     rows = txn.execute(
