@@ -36,6 +36,7 @@ BENCH = Path(__file__).resolve().parent
 LUA = BENCH / "scenario.lua"
 PYTHON = sys.executable
 TWISTD = str(Path(sys.executable).parent / "twistd")
+PY_SPY = str(Path(sys.executable).parent / "py-spy")
 
 SCENARIOS = ("unknown", "success", "retry", "introspect", "mixed")
 # "<status>/<body status or error code>" of a correct answer; anything else is an error.  An
@@ -122,20 +123,31 @@ class Process:
         self.stop()
         raise SystemExit(f"bench: nothing listening on port {port} after {timeout:.0f} s")
 
+    @property
+    def pid(self) -> int:
+        """The serving process: the child when a profiler runs it."""
+        if self.stop_signal == signal.SIGINT:
+            children = Path(f"/proc/{self.popen.pid}/task/{self.popen.pid}/children").read_text()
+            if children.split():
+                return int(children.split()[0])
+        return self.popen.pid
+
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
     def peak_rss_mb(self) -> float:
         """VmHWM: the resident set's high-water mark since the process started."""
-        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
 
+    stop_signal = signal.SIGTERM
+
     def stop(self) -> None:
         if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
+            self.popen.send_signal(self.stop_signal)
             try:
                 self.popen.wait(20)
             except subprocess.TimeoutExpired:
@@ -163,7 +175,7 @@ def http(method: str, url: str, body: bytes | None = None) -> tuple[int, bytes]:
 class Daemon(Process):
     """The real ``twistd -n anonticket`` on loopback tcp endpoints, SQLite in ``data_dir``."""
 
-    def __init__(self, data_dir: Path, *extra: str) -> None:
+    def __init__(self, data_dir: Path, *extra: str, profile: Path | None = None) -> None:
         self.public, self.internal = free_port(), free_port()
         argv = [
             TWISTD, "-n", "--pidfile=", "anonticket",
@@ -173,6 +185,12 @@ class Daemon(Process):
             "--internal", f"tcp:{self.internal}:interface=127.0.0.1",
             *extra,
         ]  # fmt: skip
+        if profile is not None:
+            # py-spy runs the daemon as its child (attaching to a running process needs ptrace
+            # rights a container often lacks) and writes its samples when it gets SIGINT.
+            argv = [PY_SPY, "record", "--rate", "250", "--format", "raw", "--output",
+                    str(profile), "--", *argv]  # fmt: skip
+            self.stop_signal = signal.SIGINT
         super().__init__(argv, data_dir.parent / f"{data_dir.name}-daemon.log", self.public)
         self.wait_listening(self.internal)
 
@@ -330,7 +348,8 @@ def measure_daemon(
     args: argparse.Namespace, scenario: str, conns: int, seeded: Seeded, log: Path
 ) -> tuple[Run, float]:
     """Warm-up and measured run against a freshly started daemon: (the run, its peak RSS)."""
-    with running(Daemon(seeded.data, "--no-monitor")) as daemon:
+    profile = None if args.profile is None else args.profile / f"{scenario}-{conns}.txt"
+    with running(Daemon(seeded.data, "--no-monitor", profile=profile)) as daemon:
         return measure(args, daemon, scenario, conns, seeded, log), daemon.peak_rss_mb()
 
 
@@ -590,6 +609,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--scale", action="store_true", help="also run the storage scale benchmark")
     add("--scale-payments", type=int, help="default 1,000,000")
     add("--keep", action="store_true", help="keep the temporary directory (logs, databases)")
+    add("--profile", type=Path, metavar="DIR", help="run each HTTP row's daemon under py-spy "
+        "(pip install py-spy) and write its samples to DIR/<scenario>-<conns>.txt (collapsed "
+        "stacks); the figures of a profiled run are slowed by the sampling")  # fmt: skip
     args = parser.parse_args(argv)
     for name, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, name) is None:
@@ -599,6 +621,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    if args.profile is not None:
+        if not Path(PY_SPY).exists():
+            parser.error(f"--profile needs py-spy in the venv ({PY_SPY}): pip install py-spy")
+        args.profile.mkdir(parents=True, exist_ok=True)
+        args.profile = args.profile.resolve()
     if not 0 < args.claimed < args.payments:
         parser.error("--claimed must be positive and below --payments")
     return args
