@@ -75,6 +75,11 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("min-amount", "10000000000", "smallest redeemable transfer, atomic units"),
     Setting("start-height", "0", "first block height to scan when no cursor is stored"),
     Setting("poll-interval", "5", "seconds between wallet polls"),
+    Setting(
+        "token-cache",
+        "50000",
+        "token checks the public site answers from memory (entries; 0: always ask the database)",
+    ),
     Setting("no-monitor", None, "serve without polling the wallet (a second API node)", True),
 )
 
@@ -134,6 +139,7 @@ class Config:
     start_height: int
     poll_interval: float
     monitor: bool
+    token_cache: int
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -231,6 +237,7 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         start_height=parse("start-height", lambda x: _int("start-height", x, 0, 2**40)),
         poll_interval=parse("poll-interval", _poll_interval),
         monitor=not v["no-monitor"],
+        token_cache=parse("token-cache", lambda x: _int("token-cache", x, 0, 10_000_000)),
     )
     if errors:
         raise ConfigError("; ".join(errors))

@@ -259,6 +259,11 @@ def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return e.code, json.loads(e.read())
 
 
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
 def test_two_nodes_on_one_postgresql_credit_every_payment_exactly_once(chain, pg_server, tmp_path):
     database = pg_server.new_database()
     monitor_node = Daemon(
@@ -300,6 +305,18 @@ def test_two_nodes_on_one_postgresql_credit_every_payment_exactly_once(chain, pg
                 assert [b["status"] for b in mine].count("success") == 1
                 assert {b["service_token"] for b in mine} == {mine[0]["service_token"]}
                 assert {b["balance"] for b in mine} == {amount}
+            # A revoke on one node: that node answers "revoked" at once; the other, which had
+            # the token in its cache, within its next sync of token changes (about a second).
+            token = results[0][2]["service_token"]
+            for node in (monitor_node, api_node):
+                assert _get(f"{node.public_url}/api/v1/token/{token}")["status"] == "active"
+            code, _ = _post(f"{monitor_node.internal_url}/api/v1/token/{token}/revoke", {})
+            assert code == 200
+            revoked_at = time.monotonic()
+            assert _get(f"{monitor_node.public_url}/api/v1/token/{token}")["status"] == "revoked"
+            while _get(f"{api_node.public_url}/api/v1/token/{token}")["status"] != "revoked":
+                assert time.monotonic() - revoked_at < 3.5, "the API node kept answering active"
+                time.sleep(0.05)
             # The API node sees the monitor node's cursor through the shared database.
             assert api_node.health()["cursor"] == monitor_node.health()["cursor"]
             assert api_node.health()["monitor"] == "disabled"

@@ -83,7 +83,7 @@ async def test_later_payment_tops_up_the_same_token_at_the_next_redeem(store):
     first = await store.redeem(PID, 10)
     await store.record_transfers([transfer(PID.raw, 2, amount=234, height=200)], now=20)
     topped = await store.redeem(PID, 30)
-    assert topped == Redeemed(first.token, 1234, first_claim=False)
+    assert topped == Redeemed(first.token, 1234, first_claim=False, topped_up=True)
     assert (await store.redeem(PID, 40)).balance == 1234
     assert (await store.token_status(first.token)).balance == 1234
 

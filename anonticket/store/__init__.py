@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from twisted.application.service import Service
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -28,10 +28,12 @@ from anonticket.store.records import (
     NotFound,
     PaymentStatus,
     RecordResult,
+    Redeemed,
     RedeemResult,
     TokenRecord,
     Transfer,
 )
+from anonticket.store.tokencache import TokenCache
 
 __all__ = ["DatabaseError", "Store", "StoreService"]
 
@@ -39,14 +41,26 @@ T = TypeVar("T")
 
 log = Logger()
 
+# Rows re-read below the highest id (or change number) already read: numbers are taken at
+# insert and visible at commit, so on PostgreSQL a lower one can appear after a higher one.
 _KNOWN_OVERLAP = 100
+_CHANGE_OVERLAP = 100
+_CHANGE_PAGE = 10_000
+DEFAULT_TOKEN_CACHE = 50_000
 
 
 class Store:
     """The typed face of the database.  Open with :meth:`open`, close with :meth:`close`."""
 
-    def __init__(self, reactor: IReactorThreads, database: str, data_dir: Path) -> None:
+    def __init__(
+        self,
+        reactor: IReactorThreads,
+        database: str,
+        data_dir: Path,
+        token_cache: int = DEFAULT_TOKEN_CACHE,
+    ) -> None:
         self._reactor = reactor
+        self._clock = cast(IReactorTime, reactor)  # the reactor is both
         self._database = database
         self._data_dir = data_dir
         self._dialect: Dialect = dialect_for(database)
@@ -55,6 +69,11 @@ class Store:
         self._tagger: Tagger | None = None
         self._known: KnownTags | None = None
         self._known_upto = 0  # highest payments.id the filter has read
+        # What the public site answered for recently checked tokens (see tokencache.py), kept in
+        # step with every top-up and revoke, here and on other nodes.
+        self.tokens: TokenCache[Any] = TokenCache(self._clock, token_cache)
+        self._changes_upto = 0  # highest tokens.changed_seq applied to the cache
+        self._recent_changes: set[int] = set()  # numbers applied within the re-read overlap
         # Called with each PID the monitor records as payable, after its batch commits, so a
         # negative cache never hides a payment that has just been seen.
         self.payment_listeners: list[Callable[[PaymentId], None]] = []
@@ -77,6 +96,7 @@ class Store:
         conn = self._dialect.connect()
         try:
             self._known, self._known_upto = queries.load_known(conn, self._dialect)
+            self._changes_upto = queries.last_token_change(conn, self._dialect)
         finally:
             conn.close()
         args, kwargs = self._dialect.connect_args()
@@ -92,8 +112,11 @@ class Store:
         self._batcher = Batcher(
             self._reactor, self._pool, self._dialect, self._dialect.pool_kwargs()["cp_max"]
         )
+        self.tokens.synced(self._clock.seconds())
 
     def close(self) -> None:
+        self.tokens.unsynced()
+        self.tokens.clear()
         if self._batcher is not None:
             self._batcher.close(DatabaseError("store is closed"))
             self._batcher = None
@@ -113,7 +136,14 @@ class Store:
         if self._known is not None and pid_tag not in self._known:
             # No payment was ever recorded for this PID: no need to ask the database.
             return succeed(NotFound())
-        return self._run(queries.redeem, self.tagger, pid, pid_tag, now)
+        d = self._run(queries.redeem, self.tagger, pid, pid_tag, now)
+        d.addCallback(self._after_redeem)
+        return d
+
+    def _after_redeem(self, result: RedeemResult) -> RedeemResult:
+        if isinstance(result, Redeemed) and result.topped_up:
+            self.tokens.invalidate([self.tagger.token_tag(result.token.raw)])
+        return result
 
     def sync_known(self) -> Deferred[None]:
         """Read payment rows other processes (a monitor on another node) added since the last
@@ -142,13 +172,56 @@ class Store:
 
         return d2.addCallback(add)
 
-    def token_status(self, token: ServiceToken) -> Deferred[TokenRecord | None]:
-        return self._run(queries.token_status, self.tagger.token_tag(token.raw))
+    def sync_tokens(self) -> Deferred[None]:
+        """Evict from the token cache every token another process (or this one) has topped up
+        or revoked since the last call; the cache answers only while these calls succeed."""
+        if self._pool is None:
+            return succeed(None)
+        as_of = self._clock.seconds()
+        d = self._run(
+            queries.token_changes_since,
+            max(0, self._changes_upto - _CHANGE_OVERLAP),
+            _CHANGE_PAGE,
+        )
+
+        def apply(rows: list[tuple[int, bytes]]) -> None:
+            upto, recent = self._changes_upto, self._recent_changes
+            changed = [tag for seq, tag in rows if seq > upto or seq not in recent]
+            if changed:
+                self.tokens.invalidate(changed)
+            if rows:
+                upto = max(upto, rows[-1][0])
+            floor = upto - _CHANGE_OVERLAP
+            self._recent_changes = {seq for seq in recent if seq > floor}
+            self._recent_changes.update(seq for seq, _ in rows if seq > floor)
+            self._changes_upto = upto
+            if len(rows) < _CHANGE_PAGE:  # caught up; a full page means more to read
+                self.tokens.synced(as_of)
+
+        return d.addCallback(apply)
+
+    def token_status(
+        self, token: ServiceToken, *, tag: bytes | None = None
+    ) -> Deferred[TokenRecord | None]:
+        """The token's record; ``tag`` is its tag when the caller has computed it already."""
+        if tag is None:
+            tag = self.tagger.token_tag(token.raw)
+        return self._run(queries.token_status, tag)
 
     def revoke(
         self, token: ServiceToken, reason: str | None, abuse_score: int | None, now: int
     ) -> Deferred[tuple[TokenRecord, bool] | None]:
-        return self._run(queries.revoke, self.tagger.token_tag(token.raw), reason, abuse_score, now)
+        tag = self.tagger.token_tag(token.raw)
+        d = self._run(queries.revoke, tag, reason, abuse_score, now)
+
+        def revoked(
+            result: tuple[TokenRecord, bool] | None,
+        ) -> tuple[TokenRecord, bool] | None:
+            if result is not None and result[1]:
+                self.tokens.invalidate([tag])
+            return result
+
+        return d.addCallback(revoked)
 
     def record_transfers(
         self,
@@ -210,7 +283,7 @@ def migrate(dialect: Dialect) -> int:
 
 class StoreService(Service):
     """Opens the store when started and closes it when stopped (after the sites and monitor);
-    meanwhile keeps its filter of known PIDs in step with the database."""
+    meanwhile keeps its filter of known PIDs and its token cache in step with the database."""
 
     name = "store"
 
@@ -228,15 +301,21 @@ class StoreService(Service):
         self._loop.clock = self._clock
         self._loop_done = self._loop.start(self._interval, now=False)
 
-    def _sync(self) -> Deferred[None]:
-        def failed(failure: Failure) -> None:
+    def _sync(self) -> Deferred[list[None]]:
+        def failed(failure: Failure, what: str) -> None:
             # Never let the loop die: the next tick tries again.
             log.warn(
-                "store: refreshing the known-PID filter failed: {error_type}",
+                "store: refreshing the {what} failed: {error_type}",
+                what=what,
                 error_type=failure.type.__name__ if failure.type else "error",
             )
 
-        return self.store.sync_known().addErrback(failed)
+        return gatherResults(
+            [
+                self.store.sync_known().addErrback(failed, "known-PID filter"),
+                self.store.sync_tokens().addErrback(failed, "token cache"),
+            ]
+        )
 
     @inlineCallbacks
     def stopService(self) -> Generator[Deferred[Any], Any, None]:

@@ -32,6 +32,10 @@ class Dialect(Protocol):
     def begin_write(self) -> str:
         """The statement that starts a write transaction, taking the write lock up front."""
 
+    @property
+    def next_token_change(self) -> str:
+        """An SQL expression: the next ``tokens.changed_seq`` (inside a write transaction)."""
+
     def check_driver(self) -> None: ...
 
     def sql(self, text: str) -> str: ...
@@ -67,6 +71,8 @@ class SQLiteDialect:
     name: str = "sqlite"
     module: str = "sqlite3"
     begin_write: str = "BEGIN IMMEDIATE"
+    # Writers are serialised by the write lock, so this is unique and in commit order.
+    next_token_change: str = "(SELECT max(changed_seq) + 1 FROM tokens)"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check_driver(self) -> None:
@@ -176,6 +182,7 @@ class PostgresDialect:
     name: str = "postgresql"
     module: str = "psycopg"
     begin_write: str = "BEGIN"
+    next_token_change: str = "nextval('token_changes')"
 
     def check_driver(self) -> None:
         try:

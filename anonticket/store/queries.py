@@ -82,13 +82,16 @@ def redeem(
         # A later payment to an already-redeemed PID: top up the existing token.
         row = txn.execute(
             d.sql(
-                "UPDATE tokens SET balance = balance + ? WHERE pid_tag = ? "
-                "RETURNING first_txid, balance"
+                f"UPDATE tokens SET balance = balance + ?, changed_seq = {d.next_token_change} "
+                "WHERE pid_tag = ? RETURNING first_txid, balance"
             ),
             (credit, pid_tag),
         ).fetchone()
         return Redeemed(
-            derive_service_token(pid, bytes(row[0]).hex()), int(row[1]), first_claim=False
+            derive_service_token(pid, bytes(row[0]).hex()),
+            int(row[1]),
+            first_claim=False,
+            topped_up=True,
         )
     if claimable or any(status == PaymentStatus.CLAIMED for status, _ in seen):
         # Claimed before, or just now by a concurrent redeem: the token exists.
@@ -144,7 +147,7 @@ def revoke(
     row = txn.execute(
         d.sql(
             "UPDATE tokens SET revoked_at = ?, revoke_reason = ?, "
-            "abuse_score = coalesce(?, abuse_score) "
+            f"abuse_score = coalesce(?, abuse_score), changed_seq = {d.next_token_change} "
             f"WHERE token_tag = ? AND revoked_at IS NULL RETURNING {_TOKEN_COLUMNS}"
         ),
         (now, reason, abuse_score, token_tag),
@@ -281,6 +284,24 @@ def payment_tags_since(txn: Txn, d: Dialect, after_id: int) -> list[tuple[int, b
         (after_id,),
     ).fetchall()
     return [(int(row_id), bytes(tag)) for row_id, tag in rows]
+
+
+def last_token_change(cursor: Any, d: Dialect) -> int:
+    """The highest ``tokens.changed_seq``.  *cursor* is a pool transaction or a connection."""
+    row = cursor.execute("SELECT coalesce(max(changed_seq), 0) FROM tokens").fetchone()
+    return int(row[0])
+
+
+def token_changes_since(txn: Txn, d: Dialect, after: int, limit: int) -> list[tuple[int, bytes]]:
+    """(changed_seq, token_tag) of tokens stamped above ``after``, in order, at most ``limit``."""
+    rows = txn.execute(
+        d.sql(
+            "SELECT changed_seq, token_tag FROM tokens WHERE changed_seq > ? "
+            "ORDER BY changed_seq LIMIT ?"
+        ),
+        (after, limit),
+    ).fetchall()
+    return [(int(seq), bytes(tag)) for seq, tag in rows]
 
 
 def ping(txn: Txn, d: Dialect) -> bool:

@@ -40,6 +40,7 @@ class Redeemed:
     token: ServiceToken
     balance: int
     first_claim: bool  # True for the claim that issued the token ("success")
+    topped_up: bool = False  # this redeem added later payments to an existing token
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,10 +59,15 @@ def _error_bytes(code: str, message: str) -> bytes:
 
 
 def respond(request: IRequest, obj: object, status: int = 200) -> bytes:
+    return respond_body(request, json_body(obj), status)
+
+
+def respond_body(request: IRequest, body: bytes, status: int = 200) -> bytes:
+    """Answer with ``body``, already JSON."""
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
-    return json_body(obj)
+    return body
 
 
 def respond_error(request: IRequest, error: ApiError) -> bytes:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
@@ -26,8 +27,10 @@ from anonticket.store.records import (
 from anonticket.web.http import (
     ApiError,
     install_error_handlers,
+    json_body,
     read_json_object,
     respond,
+    respond_body,
     set_route,
     store_call,
 )
@@ -138,17 +141,29 @@ class PublicAPI:
         raise AssertionError("unreachable")
 
     @app.route("/api/v1/token/<string:token>", methods=["GET"])
-    async def token(self, request: IRequest, token: str) -> bytes:
+    def token(self, request: IRequest, token: str) -> bytes | Deferred[bytes]:
+        # A plain function, not a coroutine: a token checked recently is answered from the
+        # store's token cache without a Deferred or a trip to the database thread.
         set_route(request, "token")
-        lookups = self._metrics.lookup_outcomes
         try:
             parsed = ServiceToken.parse(token)
         except Exception:
-            lookups.count("invalid")
+            self._metrics.lookup_outcomes.count("invalid")
             raise
+        tag = self._store.tagger.token_tag(parsed.raw)
+        cached: tuple[str, bytes] | None = self._store.tokens.get(tag)
+        if cached is not None:
+            status, body = cached
+            self._metrics.lookup_outcomes.count(status)
+            return respond_body(request, body)
+        return Deferred.fromCoroutine(self._token_from_store(request, parsed, tag))
+
+    async def _token_from_store(self, request: IRequest, token: ServiceToken, tag: bytes) -> bytes:
+        lookups = self._metrics.lookup_outcomes
+        ticket = self._store.tokens.ticket()
         try:
             record = await store_call(
-                self._metrics, "token_status", lambda: self._store.token_status(parsed)
+                self._metrics, "token_status", lambda: self._store.token_status(token, tag=tag)
             )
         except ApiError:
             lookups.count("error")
@@ -157,8 +172,10 @@ class PublicAPI:
             lookups.count("not_found")
             raise token_not_found()
         view = token_view(record)
+        body = json_body(view)
+        self._store.tokens.put(tag, (view["status"], body), ticket)
         lookups.count(view["status"])
-        return respond(request, view)
+        return respond_body(request, body)
 
     def _now(self) -> int:
         return int(self._clock.seconds())

@@ -1,0 +1,80 @@
+"""Answers for recently looked-up tokens, so a token check does not need the database thread.
+
+``GET /api/v1/token/{token}`` is what a service calls on every use of a token, so the same
+tokens are checked again and again; the trip to the pool thread costs more than the rest of
+the request.  This cache keeps, per token *tag* (never a token), whatever its user stores for
+it (the public site keeps its rendered answer), and forgets an entry as soon as the token can
+have changed:
+
+* a top-up or a revoke through this process evicts the token when its transaction commits;
+* every token row carries ``changed_seq``, stamped by each top-up and revoke on any node; the
+  store's sync loop reads the rows stamped since its last read and evicts them, so a change made
+  by another node (PostgreSQL) is seen within a sync interval;
+* an answer read from the database is stored only if nothing was evicted while it was being
+  read (a *ticket* taken before the read), so a read that raced a change never refills the
+  cache with the old state;
+* while the sync loop cannot read the changes (database unreachable), the cache stops answering
+  :data:`FRESH_FOR` seconds after the last sync that did: it never serves a state older than that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final, Generic, TypeVar
+
+from twisted.internet.interfaces import IReactorTime
+
+V = TypeVar("V")
+
+# Seconds the cache keeps answering after the last successful sync: three sync intervals.
+FRESH_FOR: Final = 3.0
+
+
+class TokenCache(Generic[V]):
+    def __init__(self, clock: IReactorTime, size: int, fresh_for: float = FRESH_FOR) -> None:
+        self._clock = clock
+        self._size = size
+        self._fresh_for = fresh_for
+        self._entries: dict[bytes, V] = {}
+        self._generation = 0
+        self._fresh_until = float("-inf")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, tag: bytes) -> V | None:
+        """The stored value for ``tag`` if there is one and the cache is in step."""
+        if self._clock.seconds() > self._fresh_until:
+            return None
+        return self._entries.get(tag)
+
+    def ticket(self) -> int:
+        """Take before reading a token from the database; hand to :meth:`put` with the answer."""
+        return self._generation
+
+    def put(self, tag: bytes, value: V, ticket: int) -> None:
+        if ticket != self._generation or self._size <= 0:
+            return  # something changed while this was read: the answer may be stale already
+        entries = self._entries
+        if tag not in entries and len(entries) >= self._size:
+            # Oldest first (dicts keep insertion order): cheap, and a hot token comes back on
+            # its next check.
+            del entries[next(iter(entries))]
+        entries[tag] = value
+
+    def invalidate(self, tags: Iterable[bytes]) -> None:
+        self._generation += 1
+        for tag in tags:
+            self._entries.pop(tag, None)
+
+    def clear(self) -> None:
+        self._generation += 1
+        self._entries.clear()
+
+    def synced(self, as_of: float) -> None:
+        """Every change committed before ``as_of`` (clock seconds) has been applied."""
+        self._fresh_until = max(self._fresh_until, as_of + self._fresh_for)
+
+    def unsynced(self) -> None:
+        """Stop answering until the next :meth:`synced`."""
+        self._fresh_until = float("-inf")
