@@ -76,9 +76,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("start-height", "0", "first block height to scan when no cursor is stored"),
     Setting("poll-interval", "5", "seconds between wallet polls"),
     Setting(
-        "token-cache",
+        "answer-cache",
         "50000",
-        "token checks the public site answers from memory (entries; 0: always ask the database)",
+        "repeated token checks and redeems answered from memory (entries; 0: ask the database)",
     ),
     Setting("no-monitor", None, "serve without polling the wallet (a second API node)", True),
 )
@@ -139,7 +139,7 @@ class Config:
     start_height: int
     poll_interval: float
     monitor: bool
-    token_cache: int
+    answer_cache: int
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -237,7 +237,7 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         start_height=parse("start-height", lambda x: _int("start-height", x, 0, 2**40)),
         poll_interval=parse("poll-interval", _poll_interval),
         monitor=not v["no-monitor"],
-        token_cache=parse("token-cache", lambda x: _int("token-cache", x, 0, 10_000_000)),
+        answer_cache=parse("answer-cache", lambda x: _int("answer-cache", x, 0, 10_000_000)),
     )
     if errors:
         raise ConfigError("; ".join(errors))

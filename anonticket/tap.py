@@ -62,7 +62,7 @@ def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> Anont
     """Assemble the daemon from a Config (used by makeService, the .tac file and tests)."""
     metrics = metrics if metrics is not None else Metrics()
     root = AnonticketService()
-    store = Store(reactor, config.database, config.data_dir, config.token_cache)
+    store = Store(reactor, config.database, config.data_dir, config.answer_cache)
     StoreService(store, reactor).setServiceParent(root)
 
     monitor: MonitorService | None = None

@@ -17,10 +17,12 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from anonticket.domain import PaymentId, ServiceToken
+from anonticket.domain import PaymentId, ServiceToken, derive_service_token
 from anonticket.keys import Tagger, load_or_create_secret_key, prepare_data_dir
 from anonticket.store import queries
+from anonticket.store.answercache import AnswerCache
 from anonticket.store.batch import Batcher
+from anonticket.store.changes import NumberedRows
 from anonticket.store.dialect import DatabaseError, Dialect, dialect_for
 from anonticket.store.known import KnownTags
 from anonticket.store.records import (
@@ -33,7 +35,6 @@ from anonticket.store.records import (
     TokenRecord,
     Transfer,
 )
-from anonticket.store.tokencache import TokenCache
 
 __all__ = ["DatabaseError", "Store", "StoreService"]
 
@@ -41,12 +42,9 @@ T = TypeVar("T")
 
 log = Logger()
 
-# Rows re-read below the highest id (or change number) already read: numbers are taken at
-# insert and visible at commit, so on PostgreSQL a lower one can appear after a higher one.
-_KNOWN_OVERLAP = 100
-_CHANGE_OVERLAP = 100
-_CHANGE_PAGE = 10_000
-DEFAULT_TOKEN_CACHE = 50_000
+_CHANGE_PAGE = 10_000  # token changes read per sync
+_PAYMENT_PAGE = 10_000  # payment rows read per sync
+DEFAULT_ANSWER_CACHE = 50_000
 
 
 class Store:
@@ -57,7 +55,7 @@ class Store:
         reactor: IReactorThreads,
         database: str,
         data_dir: Path,
-        token_cache: int = DEFAULT_TOKEN_CACHE,
+        answer_cache: int = DEFAULT_ANSWER_CACHE,
     ) -> None:
         self._reactor = reactor
         self._clock = cast(IReactorTime, reactor)  # the reactor is both
@@ -68,12 +66,12 @@ class Store:
         self._batcher: Batcher | None = None
         self._tagger: Tagger | None = None
         self._known: KnownTags | None = None
-        self._known_upto = 0  # highest payments.id the filter has read
-        # What the public site answered for recently checked tokens (see tokencache.py), kept in
-        # step with every top-up and revoke, here and on other nodes.
-        self.tokens: TokenCache[Any] = TokenCache(self._clock, token_cache)
-        self._changes_upto = 0  # highest tokens.changed_seq applied to the cache
-        self._recent_changes: set[int] = set()  # numbers applied within the re-read overlap
+        self._payments = NumberedRows()  # payments.id read into the filter
+        self._token_changes = NumberedRows()  # tokens.changed_seq applied to token_answers
+        # Answers to repeated token checks and redeems (see answercache.py), kept in step with
+        # every payment, top-up and revoke, here and on other nodes.
+        self.token_answers: AnswerCache[Any] = AnswerCache(self._clock, answer_cache)
+        self.redeem_answers: AnswerCache[tuple[bytes, int]] = AnswerCache(self._clock, answer_cache)
         # Called with each PID the monitor records as payable, after its batch commits, so a
         # negative cache never hides a payment that has just been seen.
         self.payment_listeners: list[Callable[[PaymentId], None]] = []
@@ -95,8 +93,9 @@ class Store:
         migrate(self._dialect)
         conn = self._dialect.connect()
         try:
-            self._known, self._known_upto = queries.load_known(conn, self._dialect)
-            self._changes_upto = queries.last_token_change(conn, self._dialect)
+            self._known, known_upto = queries.load_known(conn, self._dialect)
+            self._payments = NumberedRows(known_upto)
+            self._token_changes = NumberedRows(queries.last_token_change(conn, self._dialect))
         finally:
             conn.close()
         args, kwargs = self._dialect.connect_args()
@@ -112,11 +111,13 @@ class Store:
         self._batcher = Batcher(
             self._reactor, self._pool, self._dialect, self._dialect.pool_kwargs()["cp_max"]
         )
-        self.tokens.synced(self._clock.seconds())
+        for cache in (self.token_answers, self.redeem_answers):
+            cache.synced(self._clock.seconds())
 
     def close(self) -> None:
-        self.tokens.unsynced()
-        self.tokens.clear()
+        for cache in (self.token_answers, self.redeem_answers):
+            cache.unsynced()
+            cache.clear()
         if self._batcher is not None:
             self._batcher.close(DatabaseError("store is closed"))
             self._batcher = None
@@ -136,14 +137,26 @@ class Store:
         if self._known is not None and pid_tag not in self._known:
             # No payment was ever recorded for this PID: no need to ask the database.
             return succeed(NotFound())
+        settled = self.redeem_answers.get(pid_tag)
+        if settled is not None:
+            # Every payment of this PID is claimed and none was recorded since: the answer is
+            # the token (re-derived, never kept) and the balance it had.
+            first_txid, balance = settled
+            token = derive_service_token(pid, first_txid.hex())
+            return succeed(Redeemed(token, balance, first_claim=False))
+        ticket = self.redeem_answers.ticket()
         d = self._run(queries.redeem, self.tagger, pid, pid_tag, now)
-        d.addCallback(self._after_redeem)
-        return d
 
-    def _after_redeem(self, result: RedeemResult) -> RedeemResult:
-        if isinstance(result, Redeemed) and result.topped_up:
-            self.tokens.invalidate([self.tagger.token_tag(result.token.raw)])
-        return result
+        def done(outcome: tuple[RedeemResult, bytes | None]) -> RedeemResult:
+            result, settled_txid = outcome
+            if isinstance(result, Redeemed):
+                if result.topped_up:
+                    self.token_answers.invalidate([self.tagger.token_tag(result.token.raw)])
+                if settled_txid is not None:
+                    self.redeem_answers.put(pid_tag, (settled_txid, result.balance), ticket)
+            return result
+
+        return d.addCallback(done)
 
     def sync_known(self) -> Deferred[None]:
         """Read payment rows other processes (a monitor on another node) added since the last
@@ -151,24 +164,28 @@ class Store:
         known = self._known
         if known is None or self._pool is None:
             return succeed(None)
+        as_of = self._clock.seconds()
         if known.full:
             d = self._run(queries.load_known)
 
             def rebuilt(result: tuple[KnownTags, int]) -> None:
-                self._known, self._known_upto = result
+                self._known, upto = result
+                self._payments = NumberedRows(upto)
+                # Which PIDs got payments since the last read is not known: forget every answer.
+                self.redeem_answers.clear()
+                self.redeem_answers.synced(as_of)
 
             return d.addCallback(rebuilt)
-        # Re-read a short overlap: a batch that committed after a later-numbered one (ids are
-        # allocated at insert, visible at commit) is still picked up.
-        since = max(0, self._known_upto - _KNOWN_OVERLAP)
-        d2 = self._run(queries.payment_tags_since, since)
+        d2 = self._run(queries.payment_tags_since, self._payments.since, _PAYMENT_PAGE)
 
         def add(rows: list[tuple[int, bytes]]) -> None:
-            for row_id, tag in rows:
-                if row_id > self._known_upto or tag not in known:
-                    known.add(tag)
-            if rows:
-                self._known_upto = max(self._known_upto, rows[-1][0])
+            fresh = self._payments.fresh(rows)
+            for tag in fresh:
+                known.add(tag)
+            if fresh:
+                self.redeem_answers.invalidate(fresh)
+            if len(rows) < _PAYMENT_PAGE:  # caught up; a full page means more to read
+                self.redeem_answers.synced(as_of)
 
         return d2.addCallback(add)
 
@@ -178,25 +195,14 @@ class Store:
         if self._pool is None:
             return succeed(None)
         as_of = self._clock.seconds()
-        d = self._run(
-            queries.token_changes_since,
-            max(0, self._changes_upto - _CHANGE_OVERLAP),
-            _CHANGE_PAGE,
-        )
+        d = self._run(queries.token_changes_since, self._token_changes.since, _CHANGE_PAGE)
 
         def apply(rows: list[tuple[int, bytes]]) -> None:
-            upto, recent = self._changes_upto, self._recent_changes
-            changed = [tag for seq, tag in rows if seq > upto or seq not in recent]
+            changed = self._token_changes.fresh(rows)
             if changed:
-                self.tokens.invalidate(changed)
-            if rows:
-                upto = max(upto, rows[-1][0])
-            floor = upto - _CHANGE_OVERLAP
-            self._recent_changes = {seq for seq in recent if seq > floor}
-            self._recent_changes.update(seq for seq, _ in rows if seq > floor)
-            self._changes_upto = upto
+                self.token_answers.invalidate(changed)
             if len(rows) < _CHANGE_PAGE:  # caught up; a full page means more to read
-                self.tokens.synced(as_of)
+                self.token_answers.synced(as_of)
 
         return d.addCallback(apply)
 
@@ -218,7 +224,7 @@ class Store:
             result: tuple[TokenRecord, bool] | None,
         ) -> tuple[TokenRecord, bool] | None:
             if result is not None and result[1]:
-                self.tokens.invalidate([tag])
+                self.token_answers.invalidate([tag])
             return result
 
         return d.addCallback(revoked)
@@ -242,9 +248,12 @@ class Store:
         )
 
         def notify(result: RecordResult) -> RecordResult:
+            tags = [self.tagger.pid_tag(t.pid) for t in transfers]
             if self._known is not None:
-                for t in transfers:
-                    self._known.add(self.tagger.pid_tag(t.pid))
+                for tag in tags:
+                    self._known.add(tag)
+            if tags:
+                self.redeem_answers.invalidate(tags)
             for t in transfers:
                 if t.status in (PaymentStatus.PENDING, PaymentStatus.UNCLAIMED):
                     pid = PaymentId(t.pid)

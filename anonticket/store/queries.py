@@ -35,12 +35,16 @@ _WALLET_HEIGHT = "wallet_height"
 
 def redeem(
     txn: Txn, d: Dialect, tagger: Tagger, pid: PaymentId, pid_tag: bytes, now: int
-) -> RedeemResult:
+) -> tuple[RedeemResult, bytes | None]:
     """Claim every confirmed, unclaimed payment of ``pid`` (whose tag the caller has computed)
     and credit it to the PID's token.
 
     The claim is decided by the rows the UPDATE returns, never by a prior SELECT or by
     ``rowcount``: under any concurrency exactly one transaction gets each row.
+
+    With the result comes the token's first txid when the answer is *settled*: the PID has no
+    pending payment and nothing unclaimed left, so the answer stays the same until a new
+    payment to it is recorded (the store may give it again without asking).
     """
     # One read first: an unknown PID (the common abusive case) costs one indexed query and never
     # takes the write lock.  A token implies claimed payments, so no payment means no token.
@@ -52,8 +56,14 @@ def redeem(
         (pid_tag,),
     ).fetchall()
     if not rows:
-        return NotFound()
+        return NotFound(), None
     seen = {(int(status), bool(flagged)): int(height) for status, flagged, height in rows}
+    # Nothing waiting: no pending payment, none unclaimed that a reorg flagged (the unflagged
+    # unclaimed ones are claimed below).
+    settled = not any(
+        status == PaymentStatus.PENDING or (status == PaymentStatus.UNCLAIMED and flagged)
+        for status, flagged in seen
+    )
     claimable = (PaymentStatus.UNCLAIMED, False) in seen
     claimed: list[tuple[bytes, int, int]] = []
     if claimable:
@@ -78,7 +88,9 @@ def redeem(
             (tagger.token_tag(token.raw), pid_tag, bytes(first_txid), credit, now),
         ).fetchone()
         if inserted is not None:
-            return Redeemed(token, int(inserted[0]), first_claim=True)
+            return Redeemed(token, int(inserted[0]), first_claim=True), _settled_txid(
+                settled, first_txid
+            )
         # A later payment to an already-redeemed PID: top up the existing token.
         row = txn.execute(
             d.sql(
@@ -92,26 +104,29 @@ def redeem(
             int(row[1]),
             first_claim=False,
             topped_up=True,
-        )
+        ), _settled_txid(settled, row[0])
     if claimable or any(status == PaymentStatus.CLAIMED for status, _ in seen):
         # Claimed before, or just now by a concurrent redeem: the token exists.
         row = txn.execute(
             d.sql("SELECT first_txid, balance FROM tokens WHERE pid_tag = ?"), (pid_tag,)
         ).fetchone()
         if row is not None:
-            return Redeemed(
-                derive_service_token(pid, bytes(row[0]).hex()), int(row[1]), first_claim=False
-            )
+            token = derive_service_token(pid, bytes(row[0]).hex())
+            return Redeemed(token, int(row[1]), first_claim=False), _settled_txid(settled, row[0])
     # What is left: pending payments, unclaimed ones flagged by a reorg (pending again until
     # the wallet reports them again), dust, or nothing redeemable.
     pending = [h for (status, _), h in seen.items() if status == PaymentStatus.PENDING]
     if pending:
-        return Pending(max(pending), _state(txn, d).wallet_height)
+        return Pending(max(pending), _state(txn, d).wallet_height), None
     if (PaymentStatus.UNCLAIMED, True) in seen:
-        return Pending(0, _state(txn, d).wallet_height)
+        return Pending(0, _state(txn, d).wallet_height), None
     if any(status == PaymentStatus.DUST for status, _ in seen):
-        return BelowMinimum()
-    return NotFound()
+        return BelowMinimum(), None
+    return NotFound(), None
+
+
+def _settled_txid(settled: bool, first_txid: Any) -> bytes | None:
+    return bytes(first_txid) if settled else None
 
 
 def _token_record(row: Sequence[Any]) -> TokenRecord:
@@ -278,10 +293,10 @@ def load_known(cursor: Any, d: Dialect) -> tuple[KnownTags, int]:
     return known, int(upto)
 
 
-def payment_tags_since(txn: Txn, d: Dialect, after_id: int) -> list[tuple[int, bytes]]:
+def payment_tags_since(txn: Txn, d: Dialect, after_id: int, limit: int) -> list[tuple[int, bytes]]:
     rows = txn.execute(
-        d.sql("SELECT id, pid_tag FROM payments WHERE id > ? ORDER BY id LIMIT 10000"),
-        (after_id,),
+        d.sql("SELECT id, pid_tag FROM payments WHERE id > ? ORDER BY id LIMIT ?"),
+        (after_id, limit),
     ).fetchall()
     return [(int(row_id), bytes(tag)) for row_id, tag in rows]
 

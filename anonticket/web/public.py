@@ -151,7 +151,7 @@ class PublicAPI:
             self._metrics.lookup_outcomes.count("invalid")
             raise
         tag = self._store.tagger.token_tag(parsed.raw)
-        cached: tuple[str, bytes] | None = self._store.tokens.get(tag)
+        cached: tuple[str, bytes] | None = self._store.token_answers.get(tag)
         if cached is not None:
             status, body = cached
             self._metrics.lookup_outcomes.count(status)
@@ -160,7 +160,7 @@ class PublicAPI:
 
     async def _token_from_store(self, request: IRequest, token: ServiceToken, tag: bytes) -> bytes:
         lookups = self._metrics.lookup_outcomes
-        ticket = self._store.tokens.ticket()
+        ticket = self._store.token_answers.ticket()
         try:
             record = await store_call(
                 self._metrics, "token_status", lambda: self._store.token_status(token, tag=tag)
@@ -173,7 +173,7 @@ class PublicAPI:
             raise token_not_found()
         view = token_view(record)
         body = json_body(view)
-        self._store.tokens.put(tag, (view["status"], body), ticket)
+        self._store.token_answers.put(tag, (view["status"], body), ticket)
         lookups.count(view["status"])
         return respond_body(request, body)
 

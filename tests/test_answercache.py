@@ -12,7 +12,9 @@ from anonticket.config import ConfigError
 from anonticket.domain import PaymentId
 from anonticket.metrics import Metrics
 from anonticket.store import Store
-from anonticket.store.tokencache import FRESH_FOR, TokenCache
+from anonticket.store.answercache import FRESH_FOR, AnswerCache
+from anonticket.store.changes import NumberedRows
+from anonticket.store.records import NotFound, PaymentStatus, Pending, Redeemed
 from anonticket.tap import build
 
 from .conftest import _url, daemon_config, get_json, post_json, reactor, transfer
@@ -21,9 +23,9 @@ from .rawhttp import parse_response, raw_request
 PID = PaymentId.parse("0123456789abcdef")
 
 
-def fresh_cache(size: int = 3) -> tuple[TokenCache[str], Clock]:
+def fresh_cache(size: int = 3) -> tuple[AnswerCache[str], Clock]:
     clock = Clock()
-    cache: TokenCache[str] = TokenCache(clock, size)
+    cache: AnswerCache[str] = AnswerCache(clock, size)
     cache.synced(clock.seconds())
     return cache, clock
 
@@ -84,6 +86,17 @@ def test_without_a_recent_sync_the_cache_stops_answering():
     assert cache.get(b"a") is None
 
 
+def test_numbered_rows_tell_late_commits_from_rows_already_applied():
+    rows = NumberedRows(overlap=10)
+    assert rows.fresh([(1, b"a"), (3, b"c")]) == [b"a", b"c"]
+    assert rows.upto == 3 and rows.since == 0
+    assert rows.fresh([(1, b"a"), (3, b"c")]) == []  # an idle re-read of the overlap
+    assert rows.fresh([(1, b"a"), (2, b"b"), (3, b"c"), (4, b"d")]) == [b"b", b"d"]
+    assert rows.fresh(list(enumerate([b"x"] * 30))[5:]) == [b"x"] * 25
+    assert rows.upto == 29 and rows.since == 19
+    assert rows.fresh([(25, b"x"), (29, b"x")]) == []
+
+
 # --- the store: two nodes on one database (SQLite file or PostgreSQL) -----------------------
 
 
@@ -106,12 +119,12 @@ async def issue(store: Store, pid: PaymentId, txid: int, amount: int = 100):
 async def look_up(store: Store, token) -> object:
     """What the public site does: the cache, else the database, then fill the cache."""
     tag = store.tagger.token_tag(token.raw)
-    hit = store.tokens.get(tag)
+    hit = store.token_answers.get(tag)
     if hit is not None:
         return hit
-    ticket = store.tokens.ticket()
+    ticket = store.token_answers.ticket()
     record = await store.token_status(token, tag=tag)
-    store.tokens.put(tag, record, ticket)
+    store.token_answers.put(tag, record, ticket)
     return record
 
 
@@ -140,7 +153,7 @@ async def test_a_retry_without_new_payments_keeps_the_entry(nodes):
     token = await issue(a, PID, 1)
     await look_up(a, token)
     assert not (await a.redeem(PID, 3)).topped_up
-    assert a.tokens.get(a.tagger.token_tag(token.raw)) is not None
+    assert a.token_answers.get(a.tagger.token_tag(token.raw)) is not None
 
 
 @pytest_twisted.ensureDeferred
@@ -167,12 +180,12 @@ async def test_a_read_that_raced_another_nodes_change_is_not_cached(nodes):
     a, b = nodes
     token = await issue(a, PID, 1)
     tag = b.tagger.token_tag(token.raw)
-    ticket = b.tokens.ticket()
+    ticket = b.token_answers.ticket()
     before = await b.token_status(token, tag=tag)  # read before the revoke commits ...
     await a.revoke(token, None, None, now=7)
     await b.sync_tokens()  # ... the change is applied ...
-    b.tokens.put(tag, before, ticket)  # ... and then the old answer arrives: dropped
-    assert b.tokens.get(tag) is None
+    b.token_answers.put(tag, before, ticket)  # ... and then the old answer arrives: dropped
+    assert b.token_answers.get(tag) is None
     assert (await look_up(b, token)).revoked_at == 7
 
 
@@ -199,13 +212,13 @@ async def test_a_lower_change_number_committed_late_is_still_seen(nodes):
     first, late = await issue(a, PID, 1), await issue(a, PaymentId.parse("fedcba9876543210"), 2)
     stamp(a, first, 50, balance=1)  # number 50 commits first ...
     await b.sync_tokens()
-    assert b._changes_upto == 50
+    assert b._token_changes.upto == 50
     assert (await look_up(b, first)).balance == 1
     assert (await look_up(b, late)).balance == 100
     # An idle re-read of the overlap applies nothing: an answer read meanwhile is kept.
-    ticket = b.tokens.ticket()
+    ticket = b.token_answers.ticket()
     await b.sync_tokens()
-    assert b.tokens.ticket() == ticket
+    assert b.token_answers.ticket() == ticket
     stamp(a, late, 49, balance=999)  # ... number 49, taken earlier, commits after it
     await b.sync_tokens()
     assert (await look_up(b, late)).balance == 999
@@ -220,12 +233,12 @@ async def test_a_full_page_of_changes_keeps_the_cache_quiet_until_caught_up(node
     tokens = [await issue(a, p, i + 1) for i, p in enumerate(pids)]
     for token in tokens:
         await look_up(b, token)
-    b._changes_upto, b._recent_changes = 0, set()
+    b._token_changes = NumberedRows()
     for token in tokens:
         await a.revoke(token, None, None, now=5)
-    b.tokens.unsynced()
+    b.token_answers.unsynced()
     await b.sync_tokens()  # two of the three changes: not in step yet
-    assert b.tokens.get(b.tagger.token_tag(tokens[0].raw)) is None
+    assert b.token_answers.get(b.tagger.token_tag(tokens[0].raw)) is None
     await b.sync_tokens()
     await b.sync_tokens()
     for token in tokens:
@@ -237,8 +250,8 @@ async def test_a_failing_sync_does_not_keep_the_cache_answering(nodes, monkeypat
     a, b = nodes
     clock = Clock()
     clock.advance(reactor.seconds())
-    b.tokens = TokenCache(clock, 10)
-    b.tokens.synced(clock.seconds())
+    b.token_answers = AnswerCache(clock, 10)
+    b.token_answers.synced(clock.seconds())
     token = await issue(a, PID, 1)
     await look_up(b, token)
     tag = b.tagger.token_tag(token.raw)
@@ -251,7 +264,96 @@ async def test_a_failing_sync_does_not_keep_the_cache_answering(nodes, monkeypat
         clock.advance(1)
         with pytest.raises(store_module.DatabaseError):
             await b.sync_tokens()
-    assert b.tokens.get(tag) is None
+    assert b.token_answers.get(tag) is None
+
+
+def count_trips(store: Store) -> list[object]:
+    """Record every operation that goes to the database thread."""
+    trips: list[object] = []
+    run = store._run
+    store._run = lambda fn, *args: (trips.append(fn), run(fn, *args))[1]  # type: ignore[method-assign]
+    return trips
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_settled_redeem_is_answered_again_without_the_database(nodes):
+    a, _ = nodes
+    await a.record_transfers([transfer(PID.raw, 1, amount=70)], now=1)
+    trips = count_trips(a)
+    first = await a.redeem(PID, 2)
+    assert first.first_claim and len(trips) == 1
+    for _ in range(3):
+        assert await a.redeem(PID, 3) == Redeemed(first.token, 70, first_claim=False)
+    assert len(trips) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_payment_recorded_here_evicts_the_pid_at_once(nodes):
+    a, _ = nodes
+    await issue(a, PID, 1, amount=70)
+    await a.redeem(PID, 3)  # settled: cached
+    await a.record_transfers([transfer(PID.raw, 2, amount=5)], now=4)
+    again = await a.redeem(PID, 5)
+    assert again.topped_up and again.balance == 75
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pid_with_a_pending_payment_is_never_answered_from_memory(nodes):
+    a, _ = nodes
+    await issue(a, PID, 1, amount=70)
+    await a.record_transfers([transfer(PID.raw, 2, amount=5, status=PaymentStatus.PENDING)], now=3)
+    trips = count_trips(a)
+    for _ in range(2):
+        assert (await a.redeem(PID, 4)).balance == 70
+    assert len(trips) == 2
+    # It confirms: the monitor records the same transfer again, now unclaimed.
+    await a.record_transfers([transfer(PID.raw, 2, amount=5)], now=5)
+    assert (await a.redeem(PID, 6)).balance == 75
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pid_with_a_flagged_unclaimed_payment_is_not_settled(nodes):
+    a, _ = nodes
+    await issue(a, PID, 1, amount=70)  # claimed at height 100
+    await a.record_transfers([transfer(PID.raw, 2, amount=5, height=150)], now=3)
+    await a.record_transfers([transfer(PID.raw, 1, amount=70)], now=4, recheck_from=140)
+    trips = count_trips(a)
+    for _ in range(2):
+        assert (await a.redeem(PID, 5)).balance == 70  # the flagged one waits
+    assert len(trips) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_another_nodes_new_payment_evicts_at_the_next_sync(nodes):
+    a, b = nodes
+    await issue(a, PID, 1, amount=70)
+    await b.sync_known()
+    assert (await b.redeem(PID, 3)).balance == 70  # settled: cached on b
+    await a.record_transfers([transfer(PID.raw, 2, amount=5)], now=4)  # a's monitor
+    assert (await b.redeem(PID, 5)).balance == 70  # until b's sync: the old answer
+    await b.sync_known()
+    topped = await b.redeem(PID, 6)
+    assert topped.topped_up and topped.balance == 75
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redeem_read_across_an_eviction_is_not_cached(nodes):
+    a, _ = nodes
+    await issue(a, PID, 1, amount=70)
+    a.redeem_answers.clear()
+    d = a.redeem(PID, 3)  # the read is on its way to the database thread ...
+    a.redeem_answers.invalidate([b"another pid's tag"])  # ... when a payment is recorded
+    assert (await d).balance == 70
+    assert a.redeem_answers.get(a.tagger.pid_tag(PID.raw)) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_unsettled_answers_are_not_cached(nodes):
+    a, _ = nodes
+    assert isinstance(await a.redeem(PID, 1), NotFound)
+    await a.record_transfers([transfer(PID.raw, 1, status=PaymentStatus.PENDING)], now=1)
+    assert isinstance(await a.redeem(PID, 2), Pending)
+    assert len(a.redeem_answers) == 0
 
 
 # --- the public site ------------------------------------------------------------------------
@@ -263,9 +365,7 @@ async def test_a_cached_answer_is_the_same_bytes_without_a_database_trip(daemon,
     _, body, _ = await post_json(http, daemon.public_url + "/api/v1/redeem", {"pid": PID.hex})
     path = f"/api/v1/token/{body['service_token']}"
     port = int(daemon.public_url.rsplit(":", 1)[1])
-    trips: list[object] = []
-    run = daemon.store._run
-    daemon.store._run = lambda fn, *args: (trips.append(fn), run(fn, *args))[1]  # type: ignore[method-assign]
+    trips = count_trips(daemon.store)
     request = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
     first = parse_response(await raw_request(reactor, port, request))
     assert len(trips) == 1
@@ -296,8 +396,8 @@ async def test_revoke_and_top_up_show_at_once_on_the_public_site(daemon, http):
 
 
 @pytest_twisted.ensureDeferred
-async def test_token_cache_zero_always_asks_the_database(tmp_path, http):
-    root = build(daemon_config(tmp_path, **{"token-cache": "0"}), reactor, Metrics())
+async def test_answer_cache_zero_always_asks_the_database(tmp_path, http):
+    root = build(daemon_config(tmp_path, **{"answer-cache": "0"}), reactor, Metrics())
     root.startService()
     try:
         store = root.getServiceNamed("store").store
@@ -306,13 +406,13 @@ async def test_token_cache_zero_always_asks_the_database(tmp_path, http):
         for _ in range(2):
             code, body, _ = await get_json(http, url)
             assert code == 200 and body["status"] == "active"
-        assert len(store.tokens) == 0
+        assert len(store.token_answers) == 0
     finally:
         await root.stopService()
 
 
-def test_token_cache_option(tmp_path):
-    assert daemon_config(tmp_path).token_cache == 50_000
-    assert daemon_config(tmp_path, **{"token-cache": "0"}).token_cache == 0
-    with pytest.raises(ConfigError, match="--token-cache: expected a whole number"):
-        daemon_config(tmp_path, **{"token-cache": "many"})
+def test_answer_cache_option(tmp_path):
+    assert daemon_config(tmp_path).answer_cache == 50_000
+    assert daemon_config(tmp_path, **{"answer-cache": "0"}).answer_cache == 0
+    with pytest.raises(ConfigError, match="--answer-cache: expected a whole number"):
+        daemon_config(tmp_path, **{"answer-cache": "many"})

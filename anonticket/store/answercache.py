@@ -1,20 +1,25 @@
-"""Answers for recently looked-up tokens, so a token check does not need the database thread.
+"""Answers the public site can give again without the database thread.
 
-``GET /api/v1/token/{token}`` is what a service calls on every use of a token, so the same
-tokens are checked again and again; the trip to the pool thread costs more than the rest of
-the request.  This cache keeps, per token *tag* (never a token), whatever its user stores for
-it (the public site keeps its rendered answer), and forgets an entry as soon as the token can
-have changed:
+The two public calls are mostly repeats: a service checks the same tokens on every use
+(``GET /api/v1/token/{token}``), and a client asks for its token again (a redeem of a claimed
+PID).  The trip to the pool thread costs more than the rest of such a request, and while the
+reactor thread is busy the pool thread waits for the GIL on every SQLite call.  The store keeps
+two of these caches, keyed by *tags* (never a PID or a token):
 
-* a top-up or a revoke through this process evicts the token when its transaction commits;
-* every token row carries ``changed_seq``, stamped by each top-up and revoke on any node; the
-  store's sync loop reads the rows stamped since its last read and evicts them, so a change made
-  by another node (PostgreSQL) is seen within a sync interval;
-* an answer read from the database is stored only if nothing was evicted while it was being
-  read (a *ticket* taken before the read), so a read that raced a change never refills the
-  cache with the old state;
-* while the sync loop cannot read the changes (database unreachable), the cache stops answering
-  :data:`FRESH_FOR` seconds after the last sync that did: it never serves a state older than that.
+* ``token_answers``: per token tag, what the public site rendered for it.  A top-up or a revoke
+  through this process evicts the token when its transaction commits; every top-up and revoke
+  on any node stamps the token row with the next ``changed_seq``, and the store's sync loop
+  evicts the tokens stamped since its last read.
+* ``redeem_answers``: per PID tag, the first txid and balance of a PID whose every payment is
+  claimed (or never redeemable): its redeem answer changes only when a new payment to it is
+  recorded.  Recording one here evicts the PID at once; the sync loop evicts the PIDs of payment
+  rows other nodes' monitors added.
+
+For both: an answer read from the database is stored only if nothing was evicted while it was
+read (a *ticket* taken before the read), so a read that raced a change never refills the cache
+with the old state; and while the sync loop cannot read the changes (database unreachable) the
+cache stops answering :data:`FRESH_FOR` seconds after the last sync that did, so no answer is
+ever older than that.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ V = TypeVar("V")
 FRESH_FOR: Final = 3.0
 
 
-class TokenCache(Generic[V]):
+class AnswerCache(Generic[V]):
     def __init__(self, clock: IReactorTime, size: int, fresh_for: float = FRESH_FOR) -> None:
         self._clock = clock
         self._size = size
