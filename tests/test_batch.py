@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 import pytest_twisted
 from twisted.internet.defer import gatherResults
 
 from anonticket.domain import PaymentId
 from anonticket.store import DatabaseError
+from anonticket.store.queries import writes
 from anonticket.store.records import NotFound, Redeemed
 
 from .conftest import transfer
@@ -15,9 +18,10 @@ from .conftest import transfer
 PID = PaymentId.parse("0123456789abcdef")
 
 
+@writes
 def failing(cursor, dialect):
     # Like every write of the store: begin, write, then fail half way.
-    cursor.execute(dialect.begin_write)
+    dialect.start_write(cursor)
     cursor.execute("INSERT INTO monitor_state (name, value) VALUES ('half-done', 1)")
     raise RuntimeError("boom")
 
@@ -44,6 +48,29 @@ async def test_one_trip_for_a_turn_and_each_operation_in_its_own_transaction(sto
     with pytest.raises(RuntimeError):
         await boom
     assert await after == 0  # the failed operation was rolled back, alone
+    assert (await store.redeem(PID, 3)).balance == 5  # the claim was committed
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_sqlite_a_batch_that_writes_commits_once(store):
+    pids = [PaymentId((i + 1).to_bytes(8, "big")) for i in range(10)]
+    await store.record_transfers([transfer(p.raw, i + 1) for i, p in enumerate(pids)], now=1)
+    statements: list[str] = []
+    await store._pool.runWithConnection(
+        lambda conn: conn._connection.set_trace_callback(statements.append)
+    )
+    results = await gatherResults([store.redeem(p, 2) for p in pids])
+    assert all(r.first_claim for r in results)
+    assert [s for s in statements if s.split()[0] in ("BEGIN", "COMMIT")] == [
+        "BEGIN IMMEDIATE",
+        "COMMIT",
+    ]
+    # Committed: another connection sees every claim.
+    other = sqlite3.connect(store._dialect.path)
+    try:
+        assert other.execute("SELECT count(*) FROM tokens").fetchone()[0] == 10
+    finally:
+        other.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -3,9 +3,16 @@
 Handing work to a pool thread and getting the answer back (the thread pool's queue, the
 reactor's waker, the Deferred glue) costs more than the SQLite work of a redeem or a token
 lookup; under load many requests arrive in the same reactor turn.  The batcher collects them,
-runs them one after another on one pooled connection, each in its own transaction (committed,
-or rolled back on error, before the next starts), and fires each caller's Deferred with its own
-result.  With no load a batch is a single operation, so nothing waits.
+runs them one after another on one pooled connection, and fires each caller's Deferred with its
+own result.  With no load a batch is a single operation, so nothing waits.
+
+Transactions: on PostgreSQL each operation runs in its own (committed, or rolled back on error,
+before the next starts).  On SQLite a batch holding a write runs in one write transaction with
+one commit: each commit appends every page the operation touched to the WAL (a claim touches
+six to eight: the payment, the token and their indexes), and that, with the checkpoints it
+brings, was what a first claim cost.  No caller hears anything before the commit, so a crash
+loses the whole batch or nothing, never part of it; if any operation fails, the batch is rolled
+back and every operation runs again on its own, so one bad operation fails alone.
 """
 
 from __future__ import annotations
@@ -26,22 +33,51 @@ Op = tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]
 def _run_batch(
     conn: Any, dialect: Any, ops: list[tuple[Callable[..., Any], tuple[Any, ...]]]
 ) -> list[Any]:
-    results: list[Any] = []
-    for fn, args in ops:
-        cursor = conn.cursor()
-        try:
-            result = fn(cursor, dialect, *args)
-            conn.commit()
-            results.append(result)
-        except Exception:
-            failure = Failure()
-            # A failed rollback means the connection is gone; the next operation says so too.
-            with contextlib.suppress(Exception):
-                conn.rollback()
-            results.append(failure)
-        finally:
-            cursor.close()
-    return results
+    if dialect.batch_transaction and len(ops) > 1 and any(_writes(fn) for fn, _ in ops):
+        together = _run_together(conn, dialect, ops)
+        if together is not None:
+            return together
+    return [_run_alone(conn, dialect, fn, args) for fn, args in ops]
+
+
+def _writes(fn: Callable[..., Any]) -> bool:
+    return getattr(fn, "writes", False) is True
+
+
+def _run_together(
+    conn: Any, dialect: Any, ops: list[tuple[Callable[..., Any], tuple[Any, ...]]]
+) -> list[Any] | None:
+    """Every operation in one write transaction and one commit; None if any of them failed
+    (then nothing of the batch was committed, and the caller runs each on its own)."""
+    cursor = conn.cursor()
+    try:
+        cursor.execute(dialect.begin_write)
+        results = [fn(cursor, dialect, *args) for fn, args in ops]
+        conn.commit()
+        return results
+    except Exception:
+        with contextlib.suppress(Exception):
+            conn.rollback()
+        return None
+    finally:
+        cursor.close()
+
+
+def _run_alone(conn: Any, dialect: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """One operation in its own transaction: committed, or rolled back and its failure kept."""
+    cursor = conn.cursor()
+    try:
+        result = fn(cursor, dialect, *args)
+        conn.commit()
+        return result
+    except Exception:
+        failure = Failure()
+        # A failed rollback means the connection is gone; the next operation says so too.
+        with contextlib.suppress(Exception):
+            conn.rollback()
+        return failure
+    finally:
+        cursor.close()
 
 
 class Batcher:

@@ -33,6 +33,13 @@ class Dialect(Protocol):
         """The statement that starts a write transaction, taking the write lock up front."""
 
     @property
+    def batch_transaction(self) -> bool:
+        """Whether a batch of operations that writes runs in one transaction (see batch.py)."""
+
+    def start_write(self, cursor: Any) -> None:
+        """Begin the operation's write transaction, unless its batch runs in one already."""
+
+    @property
     def next_token_change(self) -> str:
         """An SQL expression: the next ``tokens.changed_seq`` (inside a write transaction)."""
 
@@ -71,9 +78,16 @@ class SQLiteDialect:
     name: str = "sqlite"
     module: str = "sqlite3"
     begin_write: str = "BEGIN IMMEDIATE"
+    # One connection, one writer at a time: a batch in one transaction commits (writes its
+    # pages to the WAL) once instead of once per operation.
+    batch_transaction: bool = True
     # Writers are serialised by the write lock, so this is unique and in commit order.
     next_token_change: str = "(SELECT max(changed_seq) + 1 FROM tokens)"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def start_write(self, cursor: Any) -> None:
+        if not cursor.connection.in_transaction:
+            cursor.execute(self.begin_write)
 
     def check_driver(self) -> None:
         if sqlite3.sqlite_version_info < MIN_SQLITE:
@@ -182,7 +196,13 @@ class PostgresDialect:
     name: str = "postgresql"
     module: str = "psycopg"
     begin_write: str = "BEGIN"
+    # Several connections and nodes: a long transaction holding the row locks of a whole
+    # batch could deadlock with another node's; every operation commits on its own.
+    batch_transaction: bool = False
     next_token_change: str = "nextval('token_changes')"
+
+    def start_write(self, cursor: Any) -> None:
+        cursor.execute(self.begin_write)
 
     def check_driver(self) -> None:
         try:

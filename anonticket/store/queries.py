@@ -1,14 +1,15 @@
 """Every SQL statement of anonticket, as functions run in an adbapi pool thread.
 
-Each function receives an adbapi ``Transaction`` (a DB-API cursor) and the dialect, and does
-one unit of work; adbapi commits when it returns and rolls back when it raises.  Write units
-begin with the dialect's write BEGIN so SQLite takes its lock up front.
+Each function receives a DB-API cursor and the dialect, and does one unit of work; the batcher
+(batch.py) commits when it returns and rolls back when it raises.  Units that may write are
+marked ``@writes`` and begin with the dialect's ``start_write``, so SQLite takes its lock up
+front (unless the batch holds it already).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from anonticket.domain import PaymentId, derive_service_token
 from anonticket.keys import Tagger
@@ -28,11 +29,20 @@ from anonticket.store.records import (
 )
 
 Txn = Any  # adbapi.Transaction: a DB-API cursor
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def writes(fn: F) -> F:
+    """Mark an operation that may write: a batch holding one runs in a write transaction."""
+    fn.writes = True  # type: ignore[attr-defined]
+    return fn
+
 
 _CURSOR = "cursor"
 _WALLET_HEIGHT = "wallet_height"
 
 
+@writes
 def redeem(
     txn: Txn, d: Dialect, tagger: Tagger, pid: PaymentId, pid_tag: bytes, now: int
 ) -> tuple[RedeemResult, bytes | None]:
@@ -67,7 +77,7 @@ def redeem(
     claimable = (PaymentStatus.UNCLAIMED, False) in seen
     claimed: list[tuple[bytes, int, int]] = []
     if claimable:
-        txn.execute(d.begin_write)
+        d.start_write(txn)
         claimed = txn.execute(
             d.sql(
                 "UPDATE payments SET status = ?, claimed_at = ? "
@@ -149,6 +159,7 @@ def token_status(txn: Txn, d: Dialect, token_tag: bytes) -> TokenRecord | None:
     return None if row is None else _token_record(row)
 
 
+@writes
 def revoke(
     txn: Txn,
     d: Dialect,
@@ -158,7 +169,7 @@ def revoke(
     now: int,
 ) -> tuple[TokenRecord, bool] | None:
     """Revoke once; a second revoke returns the current record and changes nothing."""
-    txn.execute(d.begin_write)
+    d.start_write(txn)
     row = txn.execute(
         d.sql(
             "UPDATE tokens SET revoked_at = ?, revoke_reason = ?, "
@@ -173,6 +184,7 @@ def revoke(
     return None if record is None else (record, False)
 
 
+@writes
 def record_transfers(
     txn: Txn,
     d: Dialect,
@@ -192,7 +204,7 @@ def record_transfers(
     the pool): a row there that the wallet no longer reports is a reorged-out or dropped
     transfer.  A pending one is forgotten; a credited one is flagged, never credited again.
     """
-    txn.execute(d.begin_write)
+    d.start_write(txn)
     changed: dict[PaymentStatus, int] = {}
     keep = (int(PaymentStatus.PENDING), int(PaymentStatus.UNCLAIMED))
     for t in transfers:
