@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import deferLater
 
-from .conftest import get_json, post_json, transfer
+from .conftest import get_json, post_json, reactor, transfer
+from .rawhttp import raw_request
 
 PID = "0123456789abcdef"
 AMOUNT = 918273645546  # distinctive: must never show up in metrics
@@ -186,3 +189,50 @@ async def test_healthz_follows_the_monitors_last_successful_poll(store, http):
         assert code == 503 and body["monitor"] == "stale" and "15 seconds" in body["reason"]
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_follow_a_request_in_flight_and_one_whose_client_left(daemon, http):
+    async def metric(series: str) -> float:
+        response = await http.get(daemon.internal_url + "/metrics", timeout=10)
+        for line in (await response.content()).decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+        raise AssertionError(series)
+
+    async def until(condition) -> None:
+        for _ in range(200):
+            if condition():
+                return
+            await deferLater(reactor, 0.01)
+        raise AssertionError("timed out")
+
+    site = daemon.root.getServiceNamed("public-site").site
+    in_flight = 'anonticket_http_requests_in_flight{site="public"}'
+    answered = 'anonticket_http_request_duration_seconds_count{route="redeem",site="public"}'
+    held: list[Deferred[object]] = []
+
+    def hold(pid, now):
+        held.append(Deferred())
+        return held[-1]
+
+    daemon.store.redeem_answer = hold
+    body = b'{"pid": "%s"}' % PID.encode()
+    # A client that hangs up while its redeem waits on the store: counted out once, at once.
+    await raw_request(
+        reactor,
+        int(daemon.public_url.rsplit(":", 1)[1]),
+        b"POST /api/v1/redeem HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+        hangup=True,
+    )
+    await until(lambda: len(held) == 1 and site.in_flight == 0)
+    assert await metric(in_flight) == 0.0
+    kept = ensureDeferred(post_json(http, daemon.public_url + "/api/v1/redeem", {"pid": PID}))
+    await until(lambda: len(held) == 2)
+    assert await metric(in_flight) == 1.0
+    held[1].errback(RuntimeError("store down"))
+    assert (await kept)[0] == 503
+    held[0].errback(RuntimeError("store down"))  # the store answers the one who left, late
+    assert site.in_flight == 0 and await metric(in_flight) == 0.0
+    assert await metric(answered) == 2.0

@@ -11,7 +11,7 @@ from typing import Any, TypeVar, cast
 
 from twisted.application.service import Service
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -128,22 +128,26 @@ class Store:
 
     def _run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         if self._batcher is None:
-            raise DatabaseError("store is not open")
+            return fail(DatabaseError("store is not open"))
         d: Deferred[T] = self._batcher.submit(fn, *args)
         return d
 
     def redeem(self, pid: PaymentId, now: int) -> Deferred[RedeemResult]:
+        answer = self.redeem_answer(pid, now)
+        return answer if isinstance(answer, Deferred) else succeed(answer)
+
+    def redeem_answer(self, pid: PaymentId, now: int) -> RedeemResult | Deferred[RedeemResult]:
+        """The redeem's answer now, when memory has it; else a Deferred of the database's."""
         pid_tag = self.tagger.pid_tag(pid.raw)
         if self._known is not None and pid_tag not in self._known:
             # No payment was ever recorded for this PID: no need to ask the database.
-            return succeed(NotFound())
+            return NotFound()
         settled = self.redeem_answers.get(pid_tag)
         if settled is not None:
             # Every payment of this PID is claimed and none was recorded since: the answer is
             # the token (re-derived, never kept) and the balance it had.
             first_txid, balance = settled
-            token = derive_service_token(pid, first_txid.hex())
-            return succeed(Redeemed(token, balance, first_claim=False))
+            return Redeemed(derive_service_token(pid, first_txid.hex()), balance, False)
         ticket = self.redeem_answers.ticket()
         d = self._run(queries.redeem, self.tagger, pid, pid_tag, now)
 

@@ -22,6 +22,7 @@ from anonticket.store.records import (
     NotFound,
     Pending,
     Redeemed,
+    RedeemResult,
     TokenRecord,
 )
 from anonticket.web.http import (
@@ -31,6 +32,7 @@ from anonticket.web.http import (
     read_json_object,
     respond,
     respond_body,
+    respond_error,
     set_route,
     store_call,
 )
@@ -89,26 +91,39 @@ class PublicAPI:
         store.payment_listeners.append(self._unknown.discard)
 
     @app.route("/api/v1/redeem", methods=["POST"])
-    async def redeem(self, request: IRequest) -> bytes:
+    def redeem(self, request: IRequest) -> bytes | Deferred[bytes]:
+        # A plain function, not a coroutine: what the store answers from memory (an unknown
+        # PID, a settled one) is written without a Deferred, a coroutine or an exception.
         set_route(request, "redeem")
-        outcomes = self._metrics.redeem_outcomes
         try:
             body = read_json_object(request)
             pid = PaymentId.parse(body.get("pid"))
         except Exception:
-            outcomes.count("invalid")
+            self._metrics.redeem_outcomes.count("invalid")
             raise
         if pid in self._unknown:
             self._metrics.negative_cache_hits.inc()
-            outcomes.count("not_found")
-            raise payment_not_found()
+            return self._redeem_response(request, NotFound())
+        answer = self._store.redeem_answer(pid, self._now())
+        if isinstance(answer, Deferred):
+            return Deferred.fromCoroutine(self._redeem_from_store(request, pid, answer))
+        return self._redeem_response(request, answer)
+
+    async def _redeem_from_store(
+        self, request: IRequest, pid: PaymentId, answer: Deferred[RedeemResult]
+    ) -> bytes:
         try:
-            result = await store_call(
-                self._metrics, "redeem", lambda: self._store.redeem(pid, self._now())
-            )
+            result = await store_call(self._metrics, "redeem", lambda: answer)
         except ApiError:
-            outcomes.count("error")
+            self._metrics.redeem_outcomes.count("error")
             raise
+        if isinstance(result, NotFound):
+            # The PID filter let it through (a false positive): spare the database a repeat.
+            self._unknown.add(pid)
+        return self._redeem_response(request, result)
+
+    def _redeem_response(self, request: IRequest, result: RedeemResult) -> bytes:
+        outcomes = self._metrics.redeem_outcomes
         match result:
             case Redeemed(token=token, balance=balance, first_claim=first):
                 status = "success" if first else "already_claimed"
@@ -133,11 +148,10 @@ class PublicAPI:
                 )
             case BelowMinimum():
                 outcomes.count("below_minimum")
-                raise below_minimum()
+                return respond_error(request, below_minimum())
             case NotFound():
                 outcomes.count("not_found")
-                self._unknown.add(pid)
-                raise payment_not_found()
+                return respond_error(request, payment_not_found())
         raise AssertionError("unreachable")
 
     @app.route("/api/v1/token/<string:token>", methods=["GET"])
@@ -170,7 +184,7 @@ class PublicAPI:
             raise
         if record is None:
             lookups.count("not_found")
-            raise token_not_found()
+            return respond_error(request, token_not_found())
         view = token_view(record)
         body = json_body(view)
         self._store.token_answers.put(tag, (view["status"], body), ticket)
