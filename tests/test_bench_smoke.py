@@ -38,6 +38,10 @@ def test_quick_bench_prints_its_table():
         "base p99 ms",
         "ratio",
         "p99/base",
+        "tuned req/s",
+        "tuned p99 ms",
+        "ratio tuned",
+        "p99/tuned",
         "peak RSS MB",
         "others CPU",
         "targets",
@@ -53,5 +57,6 @@ def test_quick_bench_prints_its_table():
         assert cells[1] == "16"
         assert float(cells[2].replace(",", "")) > 0  # requests/s
         assert cells[5] == "0", result.stdout  # errors: every answer was the expected one
+        assert float(cells[10].replace(",", "")) > 0  # the tuned baseline ran too
     assert "unknown @ 16: 404/payment_not_found" in result.stdout
     assert "introspect @ 16: 200/active" in result.stdout
