@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 from twisted.python import usage
 
+from anonticket.store.answercache import DEFAULT_SIZE as DEFAULT_ANSWER_CACHE
+
 T = TypeVar("T")
 
 
@@ -77,7 +79,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("poll-interval", "5", "seconds between wallet polls"),
     Setting(
         "answer-cache",
-        "50000",
+        str(DEFAULT_ANSWER_CACHE),
         "repeated token checks and redeems answered from memory (entries; 0: ask the database)",
     ),
     Setting("no-monitor", None, "serve without polling the wallet (a second API node)", True),

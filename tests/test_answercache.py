@@ -412,7 +412,7 @@ async def test_answer_cache_zero_always_asks_the_database(tmp_path, http):
 
 
 def test_answer_cache_option(tmp_path):
-    assert daemon_config(tmp_path).answer_cache == 50_000
+    assert daemon_config(tmp_path).answer_cache == 20_000
     assert daemon_config(tmp_path, **{"answer-cache": "0"}).answer_cache == 0
     with pytest.raises(ConfigError, match="--answer-cache: expected a whole number"):
         daemon_config(tmp_path, **{"answer-cache": "many"})
