@@ -138,6 +138,12 @@ async def test_healthz_is_503_when_the_store_fails(daemon, http):
         )
         assert code == 503 and redeem["code"] == "unavailable"
         assert headers.getRawHeaders("retry-after") == ["5"]
+        code, lookup, _ = await get_json(http, f"{daemon.public_url}/api/v1/token/{'ab' * 32}")
+        assert code == 503 and lookup["code"] == "unavailable"
+        errors = daemon.metrics.registry.get_sample_value
+        assert errors("anonticket_redeem_requests_total", {"outcome": "error"}) == 1
+        assert errors("anonticket_token_lookups_total", {"outcome": "error"}) == 1
+        assert errors("anonticket_store_errors_total", {"operation": "token_status"}) == 1
     finally:
         daemon.store.open()
 

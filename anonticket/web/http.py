@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from io import BytesIO
-from typing import Any, Final, NoReturn, cast
+from typing import Any, Final, NoReturn, TypeVar, cast
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred
@@ -36,6 +36,8 @@ _REJECT_GRACE: Final = 1.0
 IDLE_TIMEOUT: Final = 60
 
 log = Logger()
+
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -414,19 +416,31 @@ class PrivacySite(server.Site):
         return d
 
 
-async def store_call(metrics: Metrics, operation: str, call: Callable[[], Deferred[Any]]) -> Any:
-    """Run a store operation; a failure becomes one log line, a metric and a 503 for the client."""
-    try:
-        return await call()
-    except CancelledError:
-        raise  # the client went away; nothing failed
-    except Exception as e:
+def store_answer(metrics: Metrics, operation: str, d: Deferred[T]) -> Deferred[T]:
+    """``d`` (a store operation's result) with a failure turned into one log line, a metric and
+    ApiError 503 for the client."""
+
+    def failed(failure: Failure) -> Failure:
+        if failure.check(CancelledError):
+            return failure  # the client went away; nothing failed
         metrics.store_errors.labels(operation).inc()
         log.error(
             "store {operation} failed: {error_type}",
             operation=operation,
-            error_type=type(e).__name__,
+            error_type=failure.type.__name__ if failure.type else "error",
         )
-        raise ApiError(
-            503, "unavailable", "service temporarily unavailable, retry later", {"Retry-After": "5"}
-        ) from None
+        return Failure(
+            ApiError(
+                503,
+                "unavailable",
+                "service temporarily unavailable, retry later",
+                {"Retry-After": "5"},
+            )
+        )
+
+    return d.addErrback(failed)
+
+
+async def store_call(metrics: Metrics, operation: str, call: Callable[[], Deferred[Any]]) -> Any:
+    """Run a store operation; a failure becomes one log line, a metric and a 503 for the client."""
+    return await store_answer(metrics, operation, call())

@@ -11,10 +11,11 @@ from typing import Any
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from anonticket.domain import PaymentId, ServiceToken
-from anonticket.metrics import Metrics
+from anonticket.metrics import Metrics, Outcomes
 from anonticket.negcache import NegativeCache
 from anonticket.store import Store
 from anonticket.store.records import (
@@ -34,7 +35,7 @@ from anonticket.web.http import (
     respond_body,
     respond_error,
     set_route,
-    store_call,
+    store_answer,
 )
 
 
@@ -106,21 +107,26 @@ class PublicAPI:
             return self._redeem_response(request, NotFound())
         answer = self._store.redeem_answer(pid, self._now())
         if isinstance(answer, Deferred):
-            return Deferred.fromCoroutine(self._redeem_from_store(request, pid, answer))
+            # Callbacks, not a coroutine: on this path for every first claim.
+            return store_answer(self._metrics, "redeem", answer).addCallbacks(
+                self._redeem_stored,
+                self._store_failed,
+                callbackArgs=(request, pid),
+                errbackArgs=(self._metrics.redeem_outcomes,),
+            )
         return self._redeem_response(request, answer)
 
-    async def _redeem_from_store(
-        self, request: IRequest, pid: PaymentId, answer: Deferred[RedeemResult]
-    ) -> bytes:
-        try:
-            result = await store_call(self._metrics, "redeem", lambda: answer)
-        except ApiError:
-            self._metrics.redeem_outcomes.count("error")
-            raise
+    def _redeem_stored(self, result: RedeemResult, request: IRequest, pid: PaymentId) -> bytes:
         if isinstance(result, NotFound):
             # The PID filter let it through (a false positive): spare the database a repeat.
             self._unknown.add(pid)
         return self._redeem_response(request, result)
+
+    @staticmethod
+    def _store_failed(failure: Failure, outcomes: Outcomes) -> Failure:
+        if failure.check(ApiError):
+            outcomes.count("error")
+        return failure
 
     def _redeem_response(self, request: IRequest, result: RedeemResult) -> bytes:
         outcomes = self._metrics.redeem_outcomes
@@ -170,18 +176,19 @@ class PublicAPI:
             status, body = cached
             self._metrics.lookup_outcomes.count(status)
             return respond_body(request, body)
-        return Deferred.fromCoroutine(self._token_from_store(request, parsed, tag))
-
-    async def _token_from_store(self, request: IRequest, token: ServiceToken, tag: bytes) -> bytes:
-        lookups = self._metrics.lookup_outcomes
         ticket = self._store.token_answers.ticket()
-        try:
-            record = await store_call(
-                self._metrics, "token_status", lambda: self._store.token_status(token, tag=tag)
-            )
-        except ApiError:
-            lookups.count("error")
-            raise
+        looked_up = self._store.token_status(parsed, tag=tag)
+        return store_answer(self._metrics, "token_status", looked_up).addCallbacks(
+            self._token_stored,
+            self._store_failed,
+            callbackArgs=(request, tag, ticket),
+            errbackArgs=(self._metrics.lookup_outcomes,),
+        )
+
+    def _token_stored(
+        self, record: TokenRecord | None, request: IRequest, tag: bytes, ticket: int
+    ) -> bytes:
+        lookups = self._metrics.lookup_outcomes
         if record is None:
             lookups.count("not_found")
             return respond_error(request, token_not_found())
