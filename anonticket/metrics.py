@@ -169,6 +169,13 @@ class Metrics:
             registry=r,
         )
         self.onion_state.state("disabled")
+        self.answer_cache_entries = Gauge(
+            "anonticket_answer_cache_entries",
+            "Answers kept in memory (--answer-cache), by kind: token (token checks), redeem "
+            "(redeems of fully claimed PIDs).",
+            ["kind"],
+            registry=r,
+        )
         self.requests_in_flight = Gauge(
             "anonticket_http_requests_in_flight",
             "Requests being answered now, by site.",

@@ -64,6 +64,9 @@ def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> Anont
     root = AnonticketService()
     store = Store(reactor, config.database, config.data_dir, config.answer_cache)
     StoreService(store, reactor).setServiceParent(root)
+    # Read when scraped: sizes, not per-request counts (a counter per hit would cost every hit).
+    metrics.answer_cache_entries.labels("token").set_function(lambda: len(store.token_answers))
+    metrics.answer_cache_entries.labels("redeem").set_function(lambda: len(store.redeem_answers))
 
     monitor: MonitorService | None = None
     if config.monitor:
