@@ -1,5 +1,5 @@
-"""The token cache: what the public site answers from memory, and how it stays in step with every
-top-up and revoke — made here, or by another node on the same database."""
+"""The answer caches: what the public site answers from memory, and how they stay in step with
+every payment, top-up and revoke — made here, or by another node on the same database."""
 
 from __future__ import annotations
 
@@ -228,7 +228,7 @@ async def test_a_lower_change_number_committed_late_is_still_seen(nodes):
 @pytest_twisted.ensureDeferred
 async def test_a_full_page_of_changes_keeps_the_cache_quiet_until_caught_up(nodes, monkeypatch):
     a, b = nodes
-    monkeypatch.setattr(store_module, "_CHANGE_PAGE", 2)
+    monkeypatch.setattr(store_module, "_SYNC_PAGE", 2)
     pids = [PaymentId((i + 1).to_bytes(8, "big")) for i in range(3)]
     tokens = [await issue(a, p, i + 1) for i, p in enumerate(pids)]
     for token in tokens:

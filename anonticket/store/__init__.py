@@ -42,8 +42,7 @@ T = TypeVar("T")
 
 log = Logger()
 
-_CHANGE_PAGE = 10_000  # token changes read per sync
-_PAYMENT_PAGE = 10_000  # payment rows read per sync
+_SYNC_PAGE = 10_000  # payment rows, or token changes, read per sync
 
 
 class Store:
@@ -158,8 +157,8 @@ class Store:
                 if result.topped_up:
                     self.token_answers.invalidate([self.tagger.token_tag(result.token.raw)])
                 if settled_txid is not None:
-                    settled = settled_txid + result.balance.to_bytes(16, "big")
-                    self.redeem_answers.put(pid_tag, settled, ticket)
+                    answer = settled_txid + result.balance.to_bytes(16, "big")
+                    self.redeem_answers.put(pid_tag, answer, ticket)
             return result
 
         return d.addCallback(done)
@@ -182,33 +181,24 @@ class Store:
                 self.redeem_answers.synced(as_of)
 
             return d.addCallback(rebuilt)
-        d2 = self._run(queries.payment_tags_since, self._payments.since, _PAYMENT_PAGE)
+        d2 = self._run(queries.payment_tags_since, self._payments.since, _SYNC_PAGE)
 
         def add(rows: list[tuple[int, bytes]]) -> None:
-            fresh = self._payments.fresh(rows)
-            for tag in fresh:
+            for tag in _apply(rows, self._payments, self.redeem_answers, as_of):
                 known.add(tag)
-            if fresh:
-                self.redeem_answers.invalidate(fresh)
-            if len(rows) < _PAYMENT_PAGE:  # caught up; a full page means more to read
-                self.redeem_answers.synced(as_of)
 
         return d2.addCallback(add)
 
     def sync_tokens(self) -> Deferred[None]:
-        """Evict from the token cache every token another process (or this one) has topped up
-        or revoked since the last call; the cache answers only while these calls succeed."""
+        """Evict from the token answers every token another process (or this one) has topped
+        up or revoked since the last call; they are given only while these calls succeed."""
         if self._pool is None:
             return succeed(None)
         as_of = self._clock.seconds()
-        d = self._run(queries.token_changes_since, self._token_changes.since, _CHANGE_PAGE)
+        d = self._run(queries.token_changes_since, self._token_changes.since, _SYNC_PAGE)
 
         def apply(rows: list[tuple[int, bytes]]) -> None:
-            changed = self._token_changes.fresh(rows)
-            if changed:
-                self.token_answers.invalidate(changed)
-            if len(rows) < _CHANGE_PAGE:  # caught up; a full page means more to read
-                self.token_answers.synced(as_of)
+            _apply(rows, self._token_changes, self.token_answers, as_of)
 
         return d.addCallback(apply)
 
@@ -277,6 +267,19 @@ class Store:
         return self._run(queries.ping)
 
 
+def _apply(
+    rows: list[tuple[int, bytes]], numbered: NumberedRows, answers: AnswerCache[Any], as_of: float
+) -> list[bytes]:
+    """Apply one page of a sync read: evict the tags of the rows not seen before (returned)
+    and, unless the page was full (more to read), mark the answers in step as of ``as_of``."""
+    fresh = numbered.fresh(rows)
+    if fresh:
+        answers.invalidate(fresh)
+    if len(rows) < _SYNC_PAGE:
+        answers.synced(as_of)
+    return fresh
+
+
 def migrate(dialect: Dialect) -> int:
     """Bring the schema up to date; each migration once, in order, in its own transaction."""
     try:
@@ -298,7 +301,7 @@ def migrate(dialect: Dialect) -> int:
 
 class StoreService(Service):
     """Opens the store when started and closes it when stopped (after the sites and monitor);
-    meanwhile keeps its filter of known PIDs and its token cache in step with the database."""
+    meanwhile keeps its filter of known PIDs and its answer caches in step with the database."""
 
     name = "store"
 
@@ -328,7 +331,7 @@ class StoreService(Service):
         return gatherResults(
             [
                 self.store.sync_known().addErrback(failed, "known-PID filter"),
-                self.store.sync_tokens().addErrback(failed, "token cache"),
+                self.store.sync_tokens().addErrback(failed, "token answers"),
             ]
         )
 

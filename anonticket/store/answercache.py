@@ -56,7 +56,7 @@ class AnswerCache(Generic[V]):
         return self._entries.get(tag)
 
     def ticket(self) -> int:
-        """Take before reading a token from the database; hand to :meth:`put` with the answer."""
+        """Take before reading an answer from the database; hand to :meth:`put` with it."""
         return self._generation
 
     def put(self, tag: bytes, value: V, ticket: int) -> None:

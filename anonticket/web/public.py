@@ -163,7 +163,7 @@ class PublicAPI:
     @app.route("/api/v1/token/<string:token>", methods=["GET"])
     def token(self, request: IRequest, token: str) -> bytes | Deferred[bytes]:
         # A plain function, not a coroutine: a token checked recently is answered from the
-        # store's token cache without a Deferred or a trip to the database thread.
+        # store's token answers without a Deferred or a trip to the database thread.
         set_route(request, "token")
         try:
             parsed = ServiceToken.parse(token)
