@@ -92,6 +92,56 @@ def big(size: int, declared: bool) -> Action:
     return act
 
 
+class _Pieces:
+    """A pull producer writing ``head``, ``count`` times ``piece`` and ``tail`` a block at a time,
+    as the connection drains: the server holds one block, whatever the body's size, so a test
+    can measure the client's memory alone."""
+
+    def __init__(
+        self, request: Request, head: bytes, piece: bytes, count: int, tail: bytes
+    ) -> None:
+        self._request = request
+        per_block = max(1, 65536 // len(piece))
+        self._blocks = [head] + [piece * per_block] * (count // per_block)
+        self._last = piece * (count % per_block) + tail
+        self._next = 0
+        self._stopped = False
+        request.notifyFinish().addErrback(lambda _: self.stopProducing())
+
+    def resumeProducing(self) -> None:
+        if self._stopped:
+            return
+        if self._next < len(self._blocks):
+            self._request.write(self._blocks[self._next])
+            self._next += 1
+            return
+        self._stopped = True
+        self._request.write(self._last)
+        self._request.unregisterProducer()
+        self._request.finish()
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+
+
+def stream(head: bytes, piece: bytes, count: int, tail: bytes, declared: bool = True) -> Action:
+    """Answer ``head + piece * count + tail`` without ever holding it (see _Pieces); with a
+    Content-Length, or chunked."""
+
+    def act(request: Request, body: dict[str, Any]) -> Any:
+        request.setHeader("content-type", "application/json")
+        if declared:
+            size = len(head) + len(piece) * count + len(tail)
+            request.setHeader("content-length", str(size))
+        request.registerProducer(_Pieces(request, head, piece, count, tail), False)
+        return NOT_DONE_YET
+
+    return act
+
+
 def _fields(header: str) -> dict[str, str]:
     pairs = re.findall(r'(\w+)=(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))', header.split(" ", 1)[1])
     return {k.lower(): quoted or bare for k, quoted, bare in pairs}

@@ -8,20 +8,35 @@ per TCP connection, `nc` must equal the server's own counter, otherwise 401 with
 
 from __future__ import annotations
 
+import contextlib
+import json
 import secrets
+import sys
+import tracemalloc
 from typing import Any
 
 import pytest
 import pytest_twisted
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.task import LoopingCall
 from twisted.web.guard import DigestCredentialFactory, HTTPAuthSessionWrapper
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from anonticket.wallet import WalletClient, WalletError
+from anonticket.jsonslices import (
+    SLICE_COST,
+    MalformedJson,
+    TooManyEntries,
+    WrongShape,
+    rpc_answer,
+    run_sliced,
+)
+from anonticket.wallet import MAX_TRANSFER_ENTRIES, WalletClient, WalletError
 
 from .fakewallet import (
     PASSWORD,
@@ -44,6 +59,7 @@ from .fakewallet import (
     sleep,
     stall_after_headers,
     status,
+    stream,
 )
 
 
@@ -199,32 +215,39 @@ async def test_timeout_covers_whole_call_and_leaves_nothing_pending(
 @pytest.mark.parametrize("declared", [True, False])
 @pytest_twisted.ensureDeferred
 async def test_body_over_cap_is_refused(fake: Fake, declared: bool) -> None:
-    client = fake.client(max_body=1 << 20)
+    client = fake.client(max_call_body=1 << 20, max_body=2 << 20)
     fake.wallet.script = [big(900_000, declared), big(3 << 20, declared)]
-    assert len((await client.call("get_transfers"))["pad"]) == 900_000
-    error = await failure_of(client.call("get_transfers"))
-    assert error.kind == "bad_response" and "body over" in str(error)
+    assert len((await client.call("get_balance"))["pad"]) == 900_000
+    error = await failure_of(client.call("get_balance"))
+    assert error.kind == "bad_response" and "body over 1048576 bytes" in str(error)
     await sleep(0.05)
     assert fake.site.open_connections() == []
     assert await client.get_height() == 42
+    # Fewer heights make a get_transfers answer smaller: over its cap it is too_large.
+    fake.wallet.script = [big(3 << 20, declared)]
+    error = await failure_of(client.get_transfers(7, 9))
+    assert error.kind == "too_large"
+    assert error.message == "get_transfers: answer over 2097152 bytes for heights (7, 9]"
 
 
 @pytest_twisted.ensureDeferred
 async def test_declared_length_over_cap_is_refused_before_reading(fake: Fake) -> None:
-    fake.wallet.script = [declare_huge]
+    fake.wallet.script = [declare_huge, declare_huge]
     client = fake.client(timeout=5)
     started = reactor.seconds()
-    error = await failure_of(client.get_transfers(0, 1))
-    assert error.kind == "bad_response" and reactor.seconds() - started < 1
+    assert (await failure_of(client.get_transfers(0, 1))).kind == "too_large"
+    assert (await failure_of(client.get_height())).kind == "bad_response"
+    assert reactor.seconds() - started < 1
     await sleep(0.05)
     assert fake.site.open_connections() == []
 
 
 @pytest_twisted.ensureDeferred
 async def test_large_body_under_default_cap(fake: Fake) -> None:
-    entries = [{"txid": f"{i:064x}", "amount": i, "type": "in"} for i in range(40_000)]
+    # As many entries as the default limit allows, with long notes: ~24 MB.
+    entries = [transfer(i, note="n" * 600) for i in range(MAX_TRANSFER_ENTRIES)]
     fake.wallet.script = [reply({"in": entries})]
-    assert await fake.client().get_transfers(0, 10) == entries
+    assert await fake.client(timeout=60).get_transfers(0, 10) == entries
 
 
 @pytest_twisted.ensureDeferred
@@ -395,3 +418,377 @@ async def test_digest_against_twisted_server_side_implementation() -> None:
         assert error.kind == "auth"
     finally:
         await _shutdown(f, port)
+
+
+# --- get_transfers: bounded work on the reactor (issue #10) ---------------------------------
+
+
+def transfer(i: int, **over: Any) -> dict[str, Any]:
+    """An `in` entry as monero-wallet-rpc 0.18 returns it."""
+    amount = 1_500_000_000_000 + i
+    entry = {
+        "address": "4" + "A" * 94,
+        "amount": amount,
+        "amounts": [amount],
+        "confirmations": 12,
+        "double_spend_seen": False,
+        "fee": 30_660_000,
+        "height": 1000 + i // 10,
+        "locked": False,
+        "note": "",
+        "payment_id": f"{i:016x}",
+        "subaddr_index": {"major": 0, "minor": 0},
+        "subaddr_indices": [{"major": 0, "minor": 0}],
+        "suggested_confirmations_threshold": 1,
+        "timestamp": 1_700_000_000 + i,
+        "txid": f"{i:064x}",
+        "type": "in",
+        "unlock_time": 0,
+    }
+    entry.update(over)
+    return entry
+
+
+def envelope(result: dict[str, Any], indent: int | None = None, ascii: bool = True) -> bytes:
+    document = {"id": "0", "jsonrpc": "2.0", "result": result}
+    return json.dumps(document, indent=indent, ensure_ascii=ascii).encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_transfers_pool_false_and_a_normal_answer_decodes_as_before(fake: Fake) -> None:
+    incoming = [
+        transfer(1),
+        transfer(2, note='caf\u00e9 \U0001f600 "quoted" \\ },{ \n', subaddr_indices=[{}, {}]),
+        transfer(3, amounts=[1, 2, 3], extra={"nested": [[], {}, None, 1.5e300, -0, True]}),
+    ]
+    pooled = [transfer(4, type="pool", height=0)]
+    result = {"in": incoming, "out": [transfer(9, type="out")], "pool": pooled, "x": {"y": 1}}
+    client = fake.client()
+    for body in (envelope(result), envelope(result, indent=2), b"\xef\xbb\xbf" + envelope(result)):
+        fake.wallet.script = [raw(body)]
+        assert await client.get_transfers(100, 200, pool=False) == incoming + pooled
+        assert json.loads(body.removeprefix(b"\xef\xbb\xbf"))["result"]["in"] == incoming
+    assert fake.wallet.received[0]["params"] == {
+        "in": True,
+        "pool": False,
+        "filter_by_height": True,
+        "min_height": 100,
+        "max_height": 200,
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_transfers_shapes_and_errors_as_before(fake: Fake) -> None:
+    client = fake.client()
+    cases: list[tuple[bytes, str]] = [
+        (b'{"result": {"in": {"txid": "a"}}}', "'in' is not a list of objects"),
+        (b'{"result": {"pool": "x"}}', "'pool' is not a list of objects"),
+        (b'{"result": {"in": [1]}}', "'in' is not a list of objects"),
+        (b'{"result": {"in": [{}, null]}}', "'in' is not a list of objects"),
+        (b'{"result": [1]}', "result is not an object"),
+        (b'{"id": "0"}', "result is not an object"),
+        (b"[1, 2]", "body is not a JSON-RPC object"),
+        (b"\x00\xffgarbage" * 50, "body is not JSON"),
+        (b'{"result": {"in": [{}]}} trailing', "body is not JSON"),
+        (b'{"result": {"in": [{},]}}', "body is not JSON"),
+        (b"", "body is not JSON"),
+    ]
+    for body, message in cases:
+        fake.wallet.script = [raw(body)]
+        error = await failure_of(client.get_transfers(1, 2))
+        assert (error.kind, error.message) == ("bad_response", f"get_transfers: {message}")
+    fake.wallet.script = [reply(error={"code": -13, "message": "No wallet file"})]
+    error = await failure_of(client.get_transfers(1, 2))
+    assert (error.kind, error.code, error.message) == (
+        "rpc_error",
+        -13,
+        "get_transfers: No wallet file",
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_transfers_of_empty_objects_is_too_large_in_bounded_memory(fake: Fake) -> None:
+    # What raised the daemon from 62 MB to 1.8 GB: ~20 MiB of `{}` in `in`.
+    head, piece, tail = b'{"id": "0", "jsonrpc": "2.0", "result": {"in": [', b"{},", b"{}]}}"
+    count = (20 << 20) // len(piece)
+    fake.wallet.script = [stream(head, piece, count, tail)]
+    client = fake.client(timeout=60)
+    tracemalloc.start()
+    try:
+        error = await failure_of(client.get_transfers(10, 20))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert error.kind == "too_large"
+    assert error.message == "get_transfers: more than 20000 entries for heights (10, 20]"
+    # The body is held twice for a moment as it is read (chunks, then joined): ~40 MiB.
+    assert peak < 100_000_000
+    # What json.loads would have built, measured: the list and its dicts (~500 MB).
+    body = head + piece * count + tail
+    entries = json.loads(body)["result"]["in"]
+    materialised = sys.getsizeof(entries) + sum(map(sys.getsizeof, entries))
+    del entries, body
+    assert peak * 5 < materialised, (peak, materialised)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_valid_answer_is_decoded_over_many_reactor_turns(fake: Fake) -> None:
+    entries = [transfer(i) for i in range(15_000)]
+    body = envelope({"in": entries, "pool": []})
+    turns = 0
+
+    def turn() -> None:
+        nonlocal turns
+        turns += 1
+
+    # A callLater(0) chain: it runs once a reactor turn, and only between slices of decoding.
+    ticker = LoopingCall(turn)
+    ticker.clock = reactor
+    ticker.start(0, now=False)
+    try:
+        answer = await run_sliced(reactor, rpc_answer(body, ("in", "pool"), 20_000))
+    finally:
+        ticker.stop()
+    assert answer.arrays == {"in": entries, "pool": []} and answer.error is None
+    # ~9 MB of entries at SLICE_COST work units (~one character each) a slice: ~40 slices.
+    assert turns >= 20, turns
+    # And the same answer through the client, from the wallet.
+    fake.wallet.script = [raw(body)]
+    assert await fake.client(timeout=60).get_transfers(0, 1) == entries
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_entries_bounds_in_and_pool_together(fake: Fake) -> None:
+    client = fake.client(max_entries=5)
+    fake.wallet.script = [
+        reply({"in": [transfer(i) for i in range(5)]}),
+        reply({"in": [transfer(i) for i in range(3)], "pool": [transfer(i) for i in range(3)]}),
+        reply({"in": [transfer(i) for i in range(6)]}),
+        reply({"in": [], "out": [transfer(i) for i in range(6)]}),  # asked or not, it is work
+    ]
+    assert len(await client.get_transfers(1, 2)) == 5
+    for _ in range(3):
+        error = await failure_of(client.get_transfers(10, 20, pool=False))
+        assert error.kind == "too_large"
+        assert error.message == "get_transfers: more than 5 entries for heights (10, 20]"
+    assert await client.get_height() == 42  # the connection is still good
+
+
+@pytest.mark.parametrize("declared", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_a_huge_answer_to_a_small_call_is_refused_unread(fake: Fake, declared: bool) -> None:
+    head, piece, tail = b'{"result": {"height": 1, "pad": [', b"{},", b"{}]}}"
+    fake.wallet.script = [stream(head, piece, (64 << 20) // len(piece), tail, declared)]
+    client = fake.client(timeout=30)
+    tracemalloc.start()
+    try:
+        error = await failure_of(client.get_height())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert error.kind == "bad_response"
+    assert error.message == "get_height: body over 65536 bytes"
+    assert peak < 4_000_000  # never more than the cap and a few socket reads
+    await sleep(0.05)
+    assert fake.site.open_connections() == []  # the client hung up rather than read 64 MiB
+    assert await client.get_height() == 42
+
+
+@pytest_twisted.ensureDeferred
+async def test_wallet_text_cannot_inject_log_lines(fake: Fake) -> None:
+    hostile = "boom\n2026-01-01T00:00:00 [anonticket] forged\r\x1b[31m\x00\x7f\u2028\u00e9\ud800 \\"
+    client = fake.client(login=(USER, PASSWORD))
+    fake.wallet.script = [
+        reply(error={"code": -1, "message": hostile}),
+        reply(error={"code": -1, "message": hostile}),
+    ]
+    for call in (client.call("get_balance"), client.get_transfers(1, 2)):
+        error = await failure_of(call)
+        assert error.kind == "rpc_error"
+        for text in (str(error), error.message):
+            assert all(" " <= c <= "~" for c in text), text
+        assert "boom\\n2026-01-01T00:00:00 [anonticket] forged\\r\\x1b[31m\\x00\\x7f" in str(error)
+        assert "\\u2028\\xe9\\ud800 \\" in str(error)
+    # Escapes count towards the clip: a message of control characters stays short.
+    fake.wallet.script = [reply(error={"code": -1, "message": "\n" * 5000})]
+    error = await failure_of(client.get_height())
+    assert len(error.message) <= len("get_height: ") + 100
+    # Any message at all, whoever built it, is escaped.
+    assert WalletError("auth", "a\nb").message == "a\\nb"
+
+
+# --- anonticket.jsonslices ------------------------------------------------------------------
+
+
+def _walk(body: bytes, max_entries: int = 10**6, max_value: int = 65536) -> Any:
+    """The answer, fully walked without a reactor: the arrays, ("error", e) or "bad"."""
+    steps = rpc_answer(body, ("in", "pool"), max_entries, max_value=max_value)
+    try:
+        while True:
+            next(steps)
+    except StopIteration as done:
+        answer = done.value
+    except (MalformedJson, WrongShape):
+        return "bad"
+    if answer.error is not None:
+        return ("error", answer.error)
+    return answer.arrays if answer.result_ok else "bad"
+
+
+def _oracle(body: bytes) -> Any:
+    """What json.loads and the former checks made of an answer."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return "bad"
+    if not isinstance(document, dict):
+        return "bad"
+    if document.get("error") is not None:
+        return ("error", document["error"])
+    result = document.get("result")
+    if not isinstance(result, dict):
+        return "bad"
+    arrays = {k: v for k, v in result.items() if k in ("in", "pool")}
+    for value in arrays.values():
+        if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
+            return "bad"
+    return arrays
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+class _Writer:
+    """Serialises JSON with random whitespace between tokens, and keeps the length of the
+    longest value the walker decodes whole, to set ``max_value`` just above it."""
+
+    def __init__(self, data: st.DataObject, ascii_only: bool) -> None:
+        self._random = data.draw(st.randoms(use_true_random=False))
+        self._ascii = ascii_only
+        self.longest = 1
+
+    def ws(self) -> str:
+        return "".join(self._random.choices(" \t\n\r", k=self._random.choice((0, 0, 0, 1, 3))))
+
+    def leaf(self, value: Any) -> str:
+        text = self.dump(value)
+        self.longest = max(self.longest, len(text))
+        return text
+
+    def dump(self, value: Any) -> str:
+        if isinstance(value, dict):
+            members = [
+                self.ws() + self.dump(k) + self.ws() + ":" + self.ws() + self.dump(v) + self.ws()
+                for k, v in value.items()
+            ]
+            return "{" + ",".join(members) + self.ws() + "}"
+        if isinstance(value, list):
+            return "[" + ",".join(self.ws() + self.dump(v) + self.ws() for v in value) + "]"
+        return json.dumps(value, ensure_ascii=self._ascii)
+
+    def obj(self, members: list[tuple[str, str]]) -> str:
+        """An object walked member by member: keys are decoded whole, values are given."""
+        parts = [self.ws() + self.leaf(k) + self.ws() + ":" + self.ws() + v for k, v in members]
+        return "{" + ",".join(p + self.ws() for p in parts) + self.ws() + "}"
+
+    def array(self, items: list[Any]) -> str:
+        return "[" + ",".join(self.ws() + self.leaf(v) + self.ws() for v in items) + "]"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), ascii_only=st.booleans(), mutate=st.booleans())
+def test_jsonslices_agrees_with_json_loads(
+    data: st.DataObject, ascii_only: bool, mutate: bool
+) -> None:
+    w = _Writer(data, ascii_only)
+    entries = st.dictionaries(st.text(max_size=6), json_values, max_size=5)
+    result: list[tuple[str, str]] = []
+    for key in data.draw(st.lists(st.sampled_from(["in", "pool", "out", "x"]), max_size=4)):
+        if key == "x":
+            result.append((key, w.leaf(data.draw(json_values))))
+        else:
+            result.append((key, w.array(data.draw(st.lists(entries, max_size=20)))))
+    envelope_members = [("id", w.leaf("0")), ("jsonrpc", w.leaf("2.0")), ("result", w.obj(result))]
+    if data.draw(st.booleans()):
+        envelope_members.append(("error", w.leaf(data.draw(json_values))))
+    body = (w.ws() + w.obj(envelope_members) + w.ws()).encode()
+    # Small windows (4 times max_value) and chunks: most entries cross a window boundary.
+    max_value = w.longest
+    if not mutate:
+        assert _walk(body, max_value=max_value) == _oracle(body)
+        return
+    # A damaged body: never anything but our exceptions, and never a wrong success.
+    at = data.draw(st.integers(0, len(body)))
+    cut = data.draw(st.integers(0, 3))
+    noise = data.draw(st.binary(max_size=3))
+    body = body[:at] + noise + body[at + cut :]
+    if b"\x00" in body[:4]:
+        return  # json.loads would take it for UTF-16 or UTF-32
+    walked = _walk(body, max_value=max_value)
+    if walked != "bad":
+        assert walked == _oracle(body)
+
+
+def test_jsonslices_bounds() -> None:
+    entry = json.dumps(transfer(1))
+    body = ('{"result": {"in": [' + ",".join([entry] * 10) + "]}}").encode()
+    assert _walk(body, max_value=len(entry)) == {"in": [transfer(1)] * 10}
+    with pytest.raises(MalformedJson, match="over"):
+        for _ in rpc_answer(body, ("in",), 100, max_value=len(entry) - 1):
+            pass
+    with pytest.raises(TooManyEntries):
+        for _ in rpc_answer(body, ("in",), 9):
+            pass
+    many = ("{" + ",".join(f'"k{i}": 0' for i in range(65)) + "}").encode()
+    with pytest.raises(WrongShape, match="members"):
+        for _ in rpc_answer(many, ("in",), 100):
+            pass
+    deep = b'{"result": {"in": [{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]}}"
+    assert _walk(deep) == "bad"  # too deep for the decoder, or too long: either way refused
+    spaces = b'{"result": {"in": [' + b" " * (3 << 20) + b"{}" + b" " * (3 << 20) + b"]}}"
+    assert _walk(spaces) == {"in": [{}]}
+
+
+def test_jsonslices_work_is_reported_in_small_amounts() -> None:
+    # Every kind of long content reports its work as it goes, so no slice runs away.
+    bodies = [
+        envelope({"in": [transfer(i) for i in range(2000)]}, indent=2),
+        b'{"result": {"in": [' + b"{}," * 200_000 + b"{}]}}",
+        b'{"result": {"out": [' + b"[]," * 200_000 + b"[]]}}",
+        b'{"result": {"in": [' + b" " * (8 << 20) + b"]}}",
+        envelope(
+            {"in": [transfer(i, note="\u00e9\U0001f600" * 5000) for i in range(50)]}, ascii=False
+        ),
+    ]
+    for body in bodies:
+        steps = rpc_answer(body, ("in", "pool"), 10**6)
+        biggest = 0
+        with contextlib.suppress(StopIteration):
+            while True:
+                biggest = max(biggest, next(steps))
+        # The largest steps: a window of whitespace (256 Ki) or a chunk of 5,000 `{}`.
+        assert 0 < biggest <= 2 * SLICE_COST, biggest
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_sliced_can_be_cancelled_between_slices() -> None:
+    # What a timeout or a shutdown does to a get_transfers call that is decoding.
+    body = envelope({"in": [transfer(i) for i in range(5000)]})
+    steps = rpc_answer(body, ("in",), 20_000)
+    decoding = Deferred.fromCoroutine(run_sliced(reactor, steps))
+    await sleep(0)
+    assert not decoding.called
+    decoding.cancel()
+    with pytest.raises(CancelledError):
+        await decoding
+    assert steps.gi_frame is None  # closed: the window and the entries so far are let go
