@@ -29,7 +29,7 @@ REDEEM_OUTCOMES = (
     "invalid",
     "error",
 )
-LOOKUP_OUTCOMES = ("active", "revoked", "not_found", "invalid", "error")
+LOOKUP_OUTCOMES = ("active", "revoked", "suspended", "not_found", "invalid", "error")
 REVOKE_OUTCOMES = ("revoked", "already_revoked", "not_found", "invalid", "error")
 
 
@@ -70,7 +70,8 @@ class Metrics:
         )
         self.token_lookups = Counter(
             "anonticket_token_lookups",
-            "Token status lookups by outcome: active, revoked, not_found, invalid, error.",
+            "Token status lookups by outcome: active, revoked, suspended, not_found, invalid, "
+            "error.",
             ["outcome"],
             registry=r,
         )
@@ -124,7 +125,7 @@ class Metrics:
         self.monitor_polls = Counter(
             "anonticket_monitor_polls",
             "Wallet polls by outcome: ok, unreachable, timeout, http_error, bad_response, "
-            "rpc_error, auth, error, cancelled.",
+            "rpc_error, auth, too_large, error, cancelled.",
             ["outcome"],
             registry=r,
         )
@@ -155,11 +156,32 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.monitor_flagged = Counter(
-            "anonticket_monitor_flagged_transfers",
-            "Credited transfers the wallet stopped reporting within the re-check window.",
+        self.monitor_reversals = Counter(
+            "anonticket_monitor_reversals",
+            "Credited transfers the chain took back (reorganised out, double-spent, back in "
+            "the pool), by state: claimed (the amount left its token) or unclaimed.",
+            ["state"],
             registry=r,
         )
+        self.monitor_restorations = Counter(
+            "anonticket_monitor_restorations",
+            "Reversed transfers confirmed again, by state: claimed (the amount is back on its "
+            "token) or unclaimed (redeemable again).",
+            ["state"],
+            registry=r,
+        )
+        self.monitor_height_refusals = Counter(
+            "anonticket_monitor_height_refusals",
+            "Polls where the wallet's height was not trusted as reported, by reason: jump (a "
+            "rise not yet confirmed by the next poll), backwards (below the last trusted one).",
+            ["reason"],
+            registry=r,
+        )
+        for state in ("claimed", "unclaimed"):
+            self.monitor_reversals.labels(state)
+            self.monitor_restorations.labels(state)
+        for reason in ("jump", "backwards"):
+            self.monitor_height_refusals.labels(reason)
         self.onion_state = Enum(
             "anonticket_onion_state",
             "State of the public site's onion service: disabled (not published as an onion), "

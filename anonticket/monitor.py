@@ -1,18 +1,21 @@
-"""The monitor: turn the wallet's confirmed incoming transfers into redeemable payments.
+"""The monitor: turn the wallet's confirmed incoming transfers into redeemable payments, and
+take back what the chain takes back.
 
 Each poll (a LoopingCall on the injected clock) asks the operator's monero-wallet-rpc to
-``refresh`` (its own auto-refresh runs only every 20 s), reads its height H, then reads
-``get_transfers`` with ``in`` and ``pool`` over heights ``(lower, H]`` — ``min_height`` is
-*exclusive* in monero-wallet-rpc — where ``lower`` is the stored cursor or the start of the
-re-check window ``H - 2N``, whichever is lower.
+``refresh`` (its own auto-refresh runs only every 20 s), reads its height, and reads
+``get_transfers`` over height spans (``min_height`` is *exclusive* in monero-wallet-rpc): a
+bounded catch-up above the cursor, the re-check window and the pool, and one span of a
+background sweep of older heights (see :meth:`Monitor.poll`; rules in docs/monitor.md).
 
-* A transfer at height h is confirmed when ``H - h >= N`` (the wallet's own count); until then,
-  and while it is in the pool, it is recorded as pending so redeem can answer 202.
+* The height is checked, not trusted: the monitor acts on the lower of this poll's and the
+  previous poll's report (:func:`check_height`).
+* A transfer at height h is confirmed when ``T - h >= N``; until then, and while it is in the
+  pool, it is recorded as pending so redeem can answer 202.
 * The cursor is the last height whose transfers are recorded as final; it is stored in the same
-  transaction as the batch, so a crash means a re-read (harmless: rows are keyed by transfer
-  identity), never a skipped block.
-* Every poll re-reads the last 2N blocks and the pool: a credited transfer the wallet no longer
-  reports is flagged (a metric and a log line), never credited twice.
+  transaction as the read that reached it, so a crash means a re-read (harmless: rows are keyed
+  by transfer identity), never a skipped block.
+* A credited transfer the window's report has back in the pool, unconfirmed or not at all is
+  reversed (taken off its token, or no longer redeemable) and restored when confirmed again.
 * Coinbase, locked (``unlock_time != 0``), double-spent, all-zero-PID and malformed entries are
   skipped; dust and 64-hex legacy payment ids are recorded but never redeemable.  No entry can
   make a poll fail.
@@ -26,12 +29,13 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 from collections.abc import Generator, Mapping
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from anonticket.metrics import Metrics
@@ -39,9 +43,14 @@ from anonticket.store import Store
 from anonticket.store.records import PaymentStatus, RecordResult, Transfer
 from anonticket.wallet import WalletClient, WalletError
 
-# Heights per get_transfers call while catching up: bounds one answer's size and one
-# transaction's length without slowing a catch-up much.
+# Heights per get_transfers call while catching up or sweeping: bounds one answer's size and
+# one transaction's length without slowing a catch-up much.  An answer over the wallet client's
+# entry limit is read again in halves.
 MAX_SPAN: Final = 1000
+# Catch-up spans per poll: a poll's work stays bounded whatever height the wallet claims.
+CATCHUP_SPANS: Final = 20
+# Entries classified per reactor turn (each takes a few microseconds).
+CLASSIFY_SLICE: Final = 1000
 BACKOFF_CAP: Final = 300.0
 STOP_GRACE: Final = 5.0
 _SKIP_MEMORY: Final = 10_000
@@ -56,7 +65,9 @@ class Wallet(Protocol):
 
     async def get_height(self) -> int: ...
 
-    async def get_transfers(self, min_height: int, max_height: int) -> list[dict[str, Any]]: ...
+    async def get_transfers(
+        self, min_height: int, max_height: int, *, pool: bool = True
+    ) -> list[dict[str, Any]]: ...
 
 
 class Skip(str):
@@ -64,11 +75,21 @@ class Skip(str):
 
 
 def classify(
-    entry: Mapping[str, Any], wallet_height: int, min_confirmations: int, min_amount: int
+    entry: Mapping[str, Any],
+    wallet_height: int,
+    min_confirmations: int,
+    min_amount: int,
+    *,
+    reported: int | None = None,
 ) -> Transfer | Skip:
-    """One get_transfers entry → the Transfer to record, or why it is skipped.  Never raises."""
+    """One get_transfers entry → the Transfer to record, or why it is skipped.  Never raises.
+
+    ``wallet_height`` is the height confirmations are counted from (the trusted one);
+    ``reported``, if higher, the wallet's own: a mined entry above it is malformed, one between
+    the two is pending."""
     try:
-        return _classify(entry, wallet_height, min_confirmations, min_amount)
+        ceiling = wallet_height if reported is None else max(wallet_height, reported)
+        return _classify(entry, wallet_height, ceiling, min_confirmations, min_amount)
     except (KeyError, TypeError, ValueError, AttributeError):
         return Skip("malformed")
 
@@ -80,7 +101,11 @@ def _int(value: Any) -> int:
 
 
 def _classify(
-    entry: Mapping[str, Any], wallet_height: int, min_confirmations: int, min_amount: int
+    entry: Mapping[str, Any],
+    wallet_height: int,
+    ceiling: int,
+    min_confirmations: int,
+    min_amount: int,
 ) -> Transfer | Skip:
     kind = entry.get("type")
     if kind == "block":
@@ -108,8 +133,9 @@ def _classify(
         height, status = 0, PaymentStatus.PENDING
     else:
         height = _int(entry["height"])
-        if height == 0 or height > wallet_height:
+        if height == 0 or height > ceiling:
             return Skip("malformed")
+        # Above the trusted height (read ahead of it) is not confirmed yet.
         confirmed = wallet_height - height >= min_confirmations
         status = PaymentStatus.UNCLAIMED if confirmed else PaymentStatus.PENDING
     if len(pid) == 32:
@@ -118,6 +144,48 @@ def _classify(
     elif amount < min_amount:
         status = PaymentStatus.DUST
     return Transfer(txid, major, minor, pid, amount, height, status)
+
+
+@dataclass(frozen=True, slots=True)
+class Heights:
+    """What one poll makes of the wallet's height."""
+
+    reported: int  # what get_height answered
+    trusted: int  # what the monitor acts on: never above the previous poll's report
+    note: str | None  # why the reported height was not taken as it is, if it was not
+
+
+def check_height(reported: int, previous: int | None, trusted: int | None = None) -> Heights:
+    """Trust a height only once two polls in a row have seen it.
+
+    A wallet's height decides what is confirmed and how far the cursor moves, so one wrong
+    answer must not credit an unconfirmed transfer or move the cursor past unread blocks: the
+    monitor acts on the lower of this poll's and the previous poll's report.  A rise is
+    believed one poll later (one poll interval of latency); a one-off spike is never believed;
+    a height that goes backwards is believed at once (the cursor goes back with it, see
+    :meth:`Monitor.poll`), since re-reading blocks costs time but never money.
+
+    ``previous`` is the previous poll's report, ``trusted`` what it acted on (a fall back to
+    it after a spike is no news).
+    """
+    if previous is None or reported == previous:
+        return Heights(reported, reported, None)
+    if reported < previous:
+        if reported >= (previous if trusted is None else trusted):
+            return Heights(reported, reported, None)
+        return Heights(
+            reported,
+            reported,
+            f"the wallet's height went back from {trusted or previous} to {reported} (a "
+            "rescan, a restored or replaced wallet, or a wrong answer): re-reading from there",
+        )
+    note = None
+    if reported - previous > MAX_SPAN:
+        note = (
+            f"the wallet's height rose from {previous} to {reported} in one poll: not "
+            "trusted until the next poll reports it again"
+        )
+    return Heights(reported, previous, note)
 
 
 class Monitor:
@@ -141,56 +209,145 @@ class Monitor:
         self._clock = clock
         self._n = min_confirmations
         self._min_amount = min_amount
-        self._start_height = start_height
+        self._floor = max(start_height - 1, 0)  # min_height is exclusive: start_height is read
         self.poll_interval = poll_interval
         self._last_success: float | None = None
+        self._height_note: str | None = None
+        self._trusted: int | None = None
         # Skipped entries are re-read on every poll of the window; count each once.
         self._skipped_seen: OrderedDict[tuple[str, Skip], None] = OrderedDict()
 
     def last_success(self) -> float | None:
         return self._last_success
 
+    def height_note(self) -> str | None:
+        """Why the last poll did not take the wallet's height as reported (for /healthz)."""
+        return self._height_note
+
+    def trusted_height(self) -> int | None:
+        """The height the last successful poll acted on (None before the first)."""
+        return self._trusted
+
     async def poll(self) -> None:
-        """Read the wallet and record what it reports.  Raises on any failure (caller backs off)."""
+        """Read the wallet and record what it reports.  Raises on any failure (caller backs off).
+
+        Three reads, each recorded in its own transaction with the state it reached:
+
+        1. catch-up: heights above the cursor and below the re-check window, at most
+           :data:`CATCHUP_SPANS` spans of :data:`MAX_SPAN` blocks a poll;
+        2. the re-check window ``(T - 2N, T]`` (T the trusted height, so anchored at the lower
+           of the previous and the current tip) plus up to one span read ahead, and the pool:
+           the complete report of those heights, so a credited transfer missing from it is
+           reversed whatever the new tip's height;
+        3. the sweep: one span of older heights, going round from ``--start-height`` to the
+           window, so a transfer the wallet reports late (a rescan, a restored or replaced
+           wallet) is credited within one round.
+        """
         m = self.metrics
         started = self._clock.seconds()
         await self._timed("refresh", self._wallet.refresh())
-        height = await self._timed("get_height", self._wallet.get_height())
+        reported = await self._timed("get_height", self._wallet.get_height())
         state = await self._store.monitor_state()
-        cursor = state.cursor if state.cursor is not None else max(self._start_height - 1, 0)
-        if cursor > height:
-            log.warn(
-                "the wallet's height {height} is below the stored cursor {cursor}: "
-                "is it still syncing, or a different wallet?",
-                height=height,
-                cursor=cursor,
-            )
-        safe = height - self._n  # every height <= safe is confirmed
-        window = max(0, height - 2 * self._n)  # re-check (window, height] and the pool
-        lower = min(cursor, window)
-        while True:
-            upper = min(height, lower + MAX_SPAN)
-            entries = await self._timed("get_transfers", self._wallet.get_transfers(lower, upper))
-            transfers = self._classify_all(entries, height)
-            final = upper == height
+        heights = check_height(reported, state.wallet_height, state.trusted_height)
+        self._note(heights)
+        trusted = heights.trusted
+        safe = trusted - self._n  # every height <= safe is confirmed
+        window = max(self._floor, trusted - 2 * self._n)
+        cursor = self._floor if state.cursor is None else state.cursor
+        if cursor > max(safe, self._floor):
+            # The wallet is behind the cursor (rescanning, restored, replaced): what it has not
+            # scanned again is not final any more, so read it again as it comes back.
+            cursor = max(safe, self._floor)
+        # 1. catch-up
+        lower, spans = cursor, 0
+        while lower < window and spans < CATCHUP_SPANS:
+            upper = min(window, lower + MAX_SPAN)
+            entries = await self._read(lower, upper, pool=False)
             cursor = max(cursor, min(upper, safe))
-            result = await self._store.record_transfers(
-                transfers,
-                now=int(self._clock.seconds()),
-                cursor=cursor,
-                wallet_height=height,
-                recheck_from=max(window, lower) if final else None,
-            )
-            self._count(result)
-            if final:
-                break
-            lower = upper
+            await self._record(entries, heights, cursor=cursor)
+            lower, spans = upper, spans + 1
+        # 2. the window, the pool and a little ahead
+        top = min(reported, trusted + MAX_SPAN)
+        entries = await self._read(window, top, pool=True)
+        if lower >= window:  # caught up: the cursor follows the confirmed heights
+            cursor = max(cursor, safe)
+        await self._record(
+            entries,
+            heights,
+            cursor=cursor,
+            wallet_height=reported,
+            trusted_height=trusted,
+            recheck=(window, top),
+        )
+        # 3. the sweep
+        sweep = self._floor if state.sweep is None else state.sweep
+        if lower >= window:
+            sweep = min(max(sweep, self._floor), window)
+            if sweep < window:
+                upper = min(window, sweep + MAX_SPAN)
+                entries = await self._read(sweep, upper, pool=False)
+                # Round again from the start once the window is reached.
+                await self._record(entries, heights, sweep=upper if upper < window else self._floor)
         self._last_success = self._clock.seconds()
-        m.wallet_height.set(height)
+        self._trusted = trusted
+        m.wallet_height.set(reported)
         m.monitor_cursor.set(cursor)
         m.monitor_lag.set(max(0, safe - cursor))
         m.monitor_last_success.set(self._last_success)
         m.monitor_poll_duration.observe(self._last_success - started)
+
+    def _note(self, heights: Heights) -> None:
+        if heights.note is not None:
+            reason = "backwards" if heights.trusted == heights.reported else "jump"
+            self.metrics.monitor_height_refusals.labels(reason).inc()
+            if heights.note != self._height_note:
+                log.warn("{note}", note=heights.note)
+        self._height_note = heights.note
+
+    async def _read(self, lower: int, upper: int, *, pool: bool) -> list[dict[str, Any]]:
+        """get_transfers for heights ``(lower, upper]``; an answer over the wallet client's entry
+        limit is read again in two halves, down to one block."""
+        try:
+            result: list[dict[str, Any]] = await self._timed(
+                "get_transfers", self._wallet.get_transfers(lower, upper, pool=pool)
+            )
+            return result
+        except WalletError as error:
+            if error.kind != "too_large" or upper - lower < 2:
+                raise
+        middle = lower + (upper - lower) // 2
+        log.info(
+            "the wallet's answer for heights ({lower}, {upper}] was too large: reading it in "
+            "two halves",
+            lower=lower,
+            upper=upper,
+        )
+        return await self._read(lower, middle, pool=pool) + await self._read(
+            middle, upper, pool=pool
+        )
+
+    async def _record(
+        self,
+        entries: list[dict[str, Any]],
+        heights: Heights,
+        *,
+        cursor: int | None = None,
+        wallet_height: int | None = None,
+        trusted_height: int | None = None,
+        recheck: tuple[int, int] | None = None,
+        sweep: int | None = None,
+    ) -> None:
+        transfers = await self._classify_all(entries, heights.trusted, heights.reported)
+        result = await self._store.record_transfers(
+            transfers,
+            now=int(self._clock.seconds()),
+            cursor=cursor,
+            wallet_height=wallet_height,
+            trusted_height=trusted_height,
+            recheck=recheck,
+            sweep=sweep,
+        )
+        self._count(result)
 
     async def _timed(self, method: str, call: Any) -> Any:
         started = self._clock.seconds()
@@ -199,14 +356,21 @@ class Monitor:
         finally:
             self.metrics.wallet_rpc_duration.labels(method).observe(self._clock.seconds() - started)
 
-    def _classify_all(self, entries: list[dict[str, Any]], height: int) -> list[Transfer]:
+    async def _classify_all(
+        self, entries: list[dict[str, Any]], height: int, reported: int
+    ) -> list[Transfer]:
         transfers = []
-        for entry in entries:
-            outcome = classify(entry, height, self._n, self._min_amount)
-            if isinstance(outcome, Transfer):
-                transfers.append(outcome)
-            else:
-                self._count_skip(entry, outcome)
+        for start in range(0, len(entries), CLASSIFY_SLICE):
+            if start:
+                # Let the sites answer between slices: a long answer is classified in turns of
+                # a few milliseconds, never in one block of the reactor.
+                await deferLater(self._clock, 0, lambda: None)
+            for entry in entries[start : start + CLASSIFY_SLICE]:
+                outcome = classify(entry, height, self._n, self._min_amount, reported=reported)
+                if isinstance(outcome, Transfer):
+                    transfers.append(outcome)
+                else:
+                    self._count_skip(entry, outcome)
         return transfers
 
     def _count_skip(self, entry: Mapping[str, Any], reason: Skip) -> None:
@@ -229,12 +393,25 @@ class Monitor:
         for status, count in result.changed.items():
             if status in labels:
                 self.metrics.monitor_transfers.labels(labels[status]).inc(count)
-        if result.flagged:
-            self.metrics.monitor_flagged.inc(result.flagged)
+        for state, count in result.reversed.items():
+            self.metrics.monitor_reversals.labels(state).inc(count)
             log.warn(
-                "{count} credited transfers are no longer reported by the wallet (a reorg "
-                "deeper than --min-confirmations?); flagged, not credited again",
-                count=result.flagged,
+                "{count} {state} transfers were taken back by the chain (a reorganisation or a "
+                "double spend) and reversed: {what}",
+                count=count,
+                state=state,
+                what=(
+                    "their amounts are off their tokens until confirmed again"
+                    if state == "claimed"
+                    else "not redeemable until confirmed again"
+                ),
+            )
+        for state, count in result.restored.items():
+            self.metrics.monitor_restorations.labels(state).inc(count)
+            log.info(
+                "{count} reversed {state} transfers are confirmed again and restored",
+                count=count,
+                state=state,
             )
         if result.forgotten:
             log.info(
@@ -278,6 +455,12 @@ class MonitorService(Service):
 
     def last_success(self) -> float | None:
         return self.monitor.last_success()
+
+    def height_note(self) -> str | None:
+        return self.monitor.height_note()
+
+    def trusted_height(self) -> int | None:
+        return self.monitor.trusted_height()
 
     def startService(self) -> None:
         super().startService()

@@ -94,12 +94,14 @@ class Daemon:
         return 0.0
 
     def wait_for_height(self, height: int, timeout: float = 30) -> dict[str, Any]:
-        """Until the monitor has recorded a poll at this wallet height (or higher)."""
+        """Until the monitor has acted on this wallet height (or higher): it trusts a height
+        once two polls in a row have seen it, so this is the poll after the first one that
+        saw it."""
         deadline = time.monotonic() + timeout
         health: dict[str, Any] = {}
         while time.monotonic() < deadline:
             health = self.health()
-            if (health.get("wallet_height") or 0) >= height and health["status"] == "ok":
+            if (health.get("trusted_height") or 0) >= height and health["status"] == "ok":
                 return health
             time.sleep(0.05)
         raise AssertionError(f"monitor never reached {height}: {health}\n{self.log_text()}")

@@ -312,15 +312,38 @@ async def test_a_pid_with_a_pending_payment_is_never_answered_from_memory(nodes)
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_pid_with_a_flagged_unclaimed_payment_is_not_settled(nodes):
+async def test_a_pid_with_a_reversed_unclaimed_payment_is_not_settled(nodes):
     a, _ = nodes
     await issue(a, PID, 1, amount=70)  # claimed at height 100
     await a.record_transfers([transfer(PID.raw, 2, amount=5, height=150)], now=3)
-    await a.record_transfers([transfer(PID.raw, 1, amount=70)], now=4, recheck_from=140)
+    pooled = transfer(PID.raw, 2, amount=5, height=0, status=PaymentStatus.PENDING)
+    await a.record_transfers([pooled], now=4)  # back in the pool before anyone redeemed it
     trips = count_trips(a)
     for _ in range(2):
-        assert (await a.redeem(PID, 5)).balance == 70  # the flagged one waits
+        assert (await a.redeem(PID, 5)).balance == 70  # the reversed one waits
     assert len(trips) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reversal_evicts_both_answers_here_at_once_and_on_another_node_at_its_sync(nodes):
+    a, b = nodes
+    token = await issue(a, PID, 1, amount=70)
+    for node in (a, b):
+        await node.sync_known()
+        assert (await node.redeem(PID, 3)).balance == 70  # now settled: kept in memory
+        assert (await look_up(node, token)).balance == 70
+    trips_a, trips_b = count_trips(a), count_trips(b)
+    assert (await a.redeem(PID, 3)).balance == 70 and (await b.redeem(PID, 3)).balance == 70
+    assert trips_a == trips_b == []
+    # The chain takes the payment back: a's monitor records the reversal.
+    result = await a.record_transfers([], now=4, recheck=(90, 110))
+    assert result.reversed == {"claimed": 1}
+    assert (await a.redeem(PID, 5)).balance == 0
+    assert (await look_up(a, token)).status == "suspended"
+    # b learns it from the token's change number at its next sync, for both answers.
+    await b.sync_tokens()
+    assert (await b.redeem(PID, 6)).balance == 0
+    assert (await look_up(b, token)).status == "suspended"
 
 
 @pytest_twisted.ensureDeferred

@@ -181,7 +181,9 @@ def test_a_reorg_before_n_confirmations_credits_nothing(chain, daemon):
     daemon.wait_for_height(height)
     settle(chain, daemon, N + 1)
     assert redeem(daemon, pid)[0] == 4  # pending forgotten: the payment does not exist
-    assert daemon.metric("anonticket_monitor_flagged_transfers_total") == 0
+    # Nothing credited was touched: no reversal of any kind.
+    for state in ("claimed", "unclaimed"):
+        assert daemon.metric(f'anonticket_monitor_reversals_total{{state="{state}"}}') == 0
 
 
 def _cursor(daemon: Daemon) -> int | None:

@@ -164,9 +164,17 @@ class StubMonitor:
 
     def __init__(self) -> None:
         self.last: float | None = None
+        self.note: str | None = None
+        self.trusted: int | None = None
 
     def last_success(self) -> float | None:
         return self.last
+
+    def height_note(self) -> str | None:
+        return self.note
+
+    def trusted_height(self) -> int | None:
+        return self.trusted
 
 
 @pytest_twisted.ensureDeferred
@@ -196,6 +204,38 @@ async def test_healthz_follows_the_monitors_last_successful_poll(store, http):
         clock.advance(0.2)
         code, body, _ = await get_json(http, url)
         assert code == 503 and body["monitor"] == "stale" and "15 seconds" in body["reason"]
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_healthz_shows_the_height_the_monitor_acts_on_and_why(store, http):
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+    from twisted.internet.task import Clock
+
+    from anonticket.metrics import Metrics
+    from anonticket.web.http import PrivacySite
+    from anonticket.web.internal import InternalAPI
+
+    from .conftest import reactor
+
+    clock, monitor, metrics = Clock(), StubMonitor(), Metrics()
+    clock.advance(1000)
+    monitor.last, monitor.trusted = clock.seconds(), 100
+    monitor.note = "the wallet's height rose from 100 to 20000 in one poll: not trusted"
+    # The wallet said 20,000 once; the monitor acts on 100.
+    await store.record_transfers([], now=1, cursor=90, wallet_height=20_000)
+    api = InternalAPI(store, metrics, clock, 10, monitor=monitor)
+    site = PrivacySite(api.app.resource(), name="internal", metrics=metrics, clock=clock)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+    try:
+        code, body, _ = await get_json(http, f"http://127.0.0.1:{port.getHost().port}/healthz")
+        assert code == 200
+        assert (body["wallet_height"], body["trusted_height"]) == (20_000, 100)
+        assert body["lag"] == 0 and body["height_check"] == monitor.note
+        monitor.note = None
+        code, body, _ = await get_json(http, f"http://127.0.0.1:{port.getHost().port}/healthz")
+        assert body["height_check"] == "ok"
     finally:
         await port.stopListening()
 

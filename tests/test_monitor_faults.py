@@ -6,82 +6,19 @@ Normal operation is proven against the real monero-wallet-rpc in tests/test_e2e_
 from __future__ import annotations
 
 import json
-import random
-from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import Clock
 
 from anonticket.domain import PaymentId
 from anonticket.metrics import Metrics
-from anonticket.monitor import BACKOFF_CAP, Monitor, MonitorService
-from anonticket.store.records import NotFound, Pending, Redeemed
+from anonticket.monitor import BACKOFF_CAP
+from anonticket.store.records import NotFound, Redeemed
 from anonticket.tap import build
 
 from .conftest import daemon_config, post_json, reactor
 from .fakewallet import raw, reply, stall_after_headers, status
-
-PID = "0123456789abcdef"
-TXID = "ab" * 32
-
-
-def entry(**over: Any) -> dict[str, Any]:
-    base = {
-        "type": "in",
-        "txid": TXID,
-        "payment_id": PID,
-        "amount": 2 * 10**12,
-        "height": 100,
-        "unlock_time": 0,
-        "double_spend_seen": False,
-        "subaddr_index": {"major": 0, "minor": 0},
-    }
-    base.update(over)
-    return base
-
-
-def answers(height: int, transfers: list[dict[str, Any]]) -> list[Any]:
-    """One healthy poll: refresh, get_height, get_transfers."""
-    return [reply({"blocks_fetched": 0}), reply({"height": height}), reply({"in": transfers})]
-
-
-class Harness:
-    def __init__(self, store: Any, fake: Any, **kw: Any) -> None:
-        self.clock = Clock()
-        self.clock.advance(1_000_000)
-        self.metrics = Metrics()
-        self.wallet = fake.client(timeout=kw.pop("timeout", 2.0))
-        self.monitor = Monitor(
-            store,
-            self.wallet,
-            self.metrics,
-            self.clock,
-            min_confirmations=10,
-            min_amount=10**10,
-            start_height=0,
-            poll_interval=5,
-        )
-        self.service = MonitorService(self.monitor, self.clock, random.Random(1))
-        self.store = store
-
-    async def tick(self, seconds: float = 5) -> None:
-        """Advance the clock past one poll interval and wait for the poll it started."""
-        self.clock.advance(seconds)
-        if self.service._current is not None:
-            await self.service._current
-
-    async def next_attempt(self, fake: Any) -> float:
-        """Tick at the poll interval until the monitor asks the wallet again; the time waited."""
-        asked, waited = len(fake.wallet.received), 0.0
-        while len(fake.wallet.received) == asked:
-            assert waited <= BACKOFF_CAP + 5, "the monitor stopped polling"
-            await self.tick(5)
-            waited += 5
-        return waited
-
-    def polls(self, outcome: str) -> float:
-        return self.metrics.monitor_polls.labels(outcome)._value.get()
+from .monitorharness import PID, Chain, Harness, entry, transfers_asked
 
 
 @pytest.fixture
@@ -94,21 +31,22 @@ def harness(store, fake):
 
 @pytest_twisted.ensureDeferred
 async def test_healthy_poll_credits_and_moves_the_cursor(harness, fake):
-    fake.wallet.script = answers(110, [entry()])
+    fake.wallet.default = Chain(110, [entry()])
     harness.service.startService()
     await harness.tick(0)
     assert harness.polls("ok") == 1
     state = await harness.store.monitor_state()
     assert (state.cursor, state.wallet_height) == (100, 110)
-    sent = fake.wallet.received[2]
-    assert sent["method"] == "get_transfers"
+    sent = [r for r in fake.wallet.received if r["method"] == "get_transfers"][1]
     assert sent["params"] == {
         "in": True,
         "pool": True,
         "filter_by_height": True,
-        "min_height": 0,
+        "min_height": 90,
         "max_height": 110,
     }
+    # Catch-up below the window, the window with the pool, then one span of the sweep.
+    assert transfers_asked(fake) == [(0, 90, False), (90, 110, True), (0, 90, False)]
     assert isinstance(await harness.store.redeem(PaymentId.parse(PID), 1), Redeemed)
 
 
@@ -138,12 +76,14 @@ async def test_a_failing_wallet_backs_off_and_keeps_the_cursor(harness, fake, fa
     assert (await harness.store.monitor_state()).cursor == 90
     assert harness.service.running and harness.service._loop.running
     # The wallet comes back: one poll succeeds and the backoff is forgotten.
-    fake.wallet.script = answers(110, [entry()])
-    fake.wallet.default = reply({})
+    fake.wallet.script = []
+    fake.wallet.default = Chain(110, [entry()])
     await harness.next_attempt(fake)
     assert harness.polls("ok") == 1 and harness.service._failures == 0
-    assert (await harness.store.monitor_state()).cursor == 100
+    # Its rise from 100 to 110 is believed when the next poll sees it too.
+    assert (await harness.store.monitor_state()).cursor == 90
     assert await harness.next_attempt(fake) == 5  # back to the poll interval
+    assert (await harness.store.monitor_state()).cursor == 100
 
 
 @pytest_twisted.ensureDeferred
@@ -161,7 +101,7 @@ async def test_a_hung_wallet_times_out(store, fake):
 @pytest_twisted.ensureDeferred
 async def test_garbage_entries_never_fail_a_poll(harness, fake):
     good = entry(txid="cd" * 32, payment_id="00000000000000a1")
-    fake.wallet.script = answers(
+    fake.wallet.default = Chain(
         110,
         [
             entry(type="block", payment_id="0000000000000000"),
@@ -184,28 +124,30 @@ async def test_garbage_entries_never_fail_a_poll(harness, fake):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_transfer_the_wallet_drops_from_the_window_is_flagged_once(harness, fake):
-    fake.wallet.script = answers(110, [entry(height=100)]) + answers(111, [])
+async def test_a_transfer_the_wallet_drops_from_the_window_is_reversed_once(harness, fake):
+    chain = fake.wallet.default = Chain(110, [entry(height=100)])
     harness.service.startService()
     await harness.tick(0)
+    chain.transfers, chain.height = [], 111
     await harness.tick(5)
-    assert harness.metrics.monitor_flagged._value.get() == 1
-    # A flagged, unclaimed payment is not redeemable (it may not exist any more).
-    assert isinstance(await harness.store.redeem(PaymentId.parse(PID), 1), Pending)
+    await harness.tick(5)
+    assert harness.metrics.monitor_reversals.labels("unclaimed")._value.get() == 1
+    # A reversed, unclaimed payment the wallet no longer shows at all is gone.
+    assert isinstance(await harness.store.redeem(PaymentId.parse(PID), 1), NotFound)
 
 
 @pytest_twisted.ensureDeferred
 async def test_catch_up_reads_in_bounded_spans(harness, fake):
-    fake.wallet.default = reply({"in": []})
-    fake.wallet.script = [reply({}), reply({"height": 2500})]
+    fake.wallet.default = Chain(2500)
     harness.service.startService()
     await harness.tick(0)
-    spans = [
-        (r["params"]["min_height"], r["params"]["max_height"])
-        for r in fake.wallet.received
-        if r["method"] == "get_transfers"
+    assert transfers_asked(fake) == [
+        (0, 1000, False),
+        (1000, 2000, False),
+        (2000, 2480, False),
+        (2480, 2500, True),
+        (0, 1000, False),
     ]
-    assert spans == [(0, 1000), (1000, 2000), (2000, 2500)]
     assert (await harness.store.monitor_state()).cursor == 2490
 
 

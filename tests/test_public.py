@@ -45,6 +45,26 @@ async def test_redeem_success_then_already_claimed_then_status(daemon, http):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_token_whose_payment_the_chain_took_back_reads_suspended(daemon, http):
+    await daemon.store.record_transfers([transfer(PID, 1, amount=4242, height=100)], now=1)
+    _, body, _ = await redeem(http, daemon, {"pid": PID})
+    url = f"{daemon.public_url}/api/v1/token/{body['service_token']}"
+    assert (await get_json(http, url))[1]["status"] == "active"  # now in the token answers
+    # A double spend: the wallet's full report of heights (90, 110] no longer has it.
+    await daemon.store.record_transfers([], now=2, recheck=(90, 110))
+    code, status, _ = await get_json(http, url)
+    assert code == 200 and (status["status"], status["balance"]) == ("suspended", 0)
+    code, again, _ = await redeem(http, daemon, {"pid": PID})
+    assert code == 200 and (again["status"], again["balance"]) == ("already_claimed", 0)
+    lookups = daemon.metrics.registry.get_sample_value
+    assert lookups("anonticket_token_lookups_total", {"outcome": "suspended"}) == 1
+    # Mined and confirmed again: active with its balance, the same token.
+    await daemon.store.record_transfers([transfer(PID, 1, amount=4242, height=105)], now=3)
+    code, status, _ = await get_json(http, url)
+    assert (status["status"], status["balance"]) == ("active", 4242)
+
+
+@pytest_twisted.ensureDeferred
 async def test_pending_is_202_with_confirmations(daemon, http):
     await daemon.store.record_transfers(
         [transfer(PID, 1, height=100, status=PaymentStatus.PENDING)], now=1, wallet_height=104

@@ -15,7 +15,7 @@ from twisted.internet.defer import gatherResults
 
 from anonticket.domain import PaymentId, derive_service_token
 from anonticket.store import DatabaseError, Store, migrate
-from anonticket.store.dialect import SQLiteDialect
+from anonticket.store.dialect import SQLiteDialect, dialect_for
 from anonticket.store.records import (
     BelowMinimum,
     NotFound,
@@ -112,17 +112,34 @@ async def test_pending_payment_reports_its_height_and_the_wallet_height(store):
 
 
 @pytest_twisted.ensureDeferred
-async def test_claimed_dust_and_legacy_rows_never_change_status(store):
-    await store.record_transfers([transfer(PID.raw, 1, amount=10)], now=1)
-    await store.redeem(PID, 2)
-    # A later read of the same transfer as pending (a reorg) must not un-claim it.
-    await store.record_transfers(
-        [transfer(PID.raw, 1, amount=10, height=0, status=PaymentStatus.PENDING)], now=3
-    )
-    assert (await store.redeem(PID, 4)) == Redeemed((await store.redeem(PID, 4)).token, 10, False)
+async def test_dust_and_legacy_rows_never_become_payable(store):
     await store.record_transfers([transfer(OTHER.raw, 2, status=PaymentStatus.DUST)], now=5)
     await store.record_transfers([transfer(OTHER.raw, 2, status=PaymentStatus.UNCLAIMED)], now=6)
     assert isinstance(await store.redeem(OTHER, 7), BelowMinimum)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_claimed_transfer_back_in_the_pool_is_reversed_then_restored_once(store):
+    await store.record_transfers([transfer(PID.raw, 1, amount=10)], now=1)
+    token = (await store.redeem(PID, 2)).token
+    # The wallet reports it in the pool again (an honest reorg, or a lost double spend).
+    pooled = transfer(PID.raw, 1, amount=10, height=0, status=PaymentStatus.PENDING)
+    result = await store.record_transfers([pooled], now=3)
+    assert result.reversed == {"claimed": 1} and result.restored == {}
+    assert await store.redeem(PID, 4) == Redeemed(token, 0, first_claim=False)
+    record = await store.token_status(token)
+    assert (record.balance, record.status) == (0, "suspended")
+    # Reported again and again while in the pool: reversed once.
+    assert (await store.record_transfers([pooled], now=5)).reversed == {}
+    # Mined but not yet confirmed: still reversed.
+    mined = transfer(PID.raw, 1, amount=10, height=120, status=PaymentStatus.PENDING)
+    assert (await store.record_transfers([mined], now=6)).reversed == {}
+    assert (await store.redeem(PID, 7)).balance == 0
+    # Confirmed again: the amount is back, once, and the token ends where it started.
+    confirmed = transfer(PID.raw, 1, amount=10, height=120)
+    assert (await store.record_transfers([confirmed], now=8)).restored == {"claimed": 1}
+    assert (await store.record_transfers([confirmed], now=9)).restored == {}
+    assert await store.redeem(PID, 10) == Redeemed(token, 10, first_claim=False)
 
 
 @pytest_twisted.ensureDeferred
@@ -272,7 +289,61 @@ def test_migrating_a_version_1_database_keeps_its_rows(tmp_path):
     conn.close()
     assert migrate(dialect) == dialect.migrations()[-1][0]
     conn = sqlite3.connect(tmp_path / "m.sqlite3")
-    assert conn.execute("SELECT amount, flagged_at FROM payments").fetchall() == [(5, None)]
+    assert conn.execute("SELECT amount, reversed_at FROM payments").fetchall() == [(5, None)]
+
+
+def test_migration_4_takes_flagged_claimed_payments_off_their_tokens(database_url):
+    """Version 3 kept a claimed transfer a reorg had flagged on its token: 4 reverses it."""
+    dialect = dialect_for(database_url)
+    conn = dialect.connect()
+    try:
+        for version, script in dialect.migrations()[:3]:
+            assert dialect.apply_migration(conn, version, script)
+
+        def run(sql: str, *args: object) -> list[tuple[object, ...]]:
+            cursor = conn.execute(dialect.sql(sql), args)
+            rows = cursor.fetchall() if cursor.description else []
+            if dialect.name == "sqlite":
+                conn.commit()
+            return [tuple(r) for r in rows]
+
+        run(
+            "INSERT INTO tokens (token_tag, pid_tag, first_txid, balance, issued_at) "
+            "VALUES (?, ?, ?, 80, 1)",
+            b"T" * 16,
+            b"P" * 16,
+            b"1" * 32,
+        )
+        for txid, pid, amount, status, flagged in (
+            (b"1", b"P", 50, 2, 7),  # claimed, flagged: to be reversed
+            (b"2", b"P", 30, 2, None),  # claimed, fine
+            (b"3", b"Q", 9, 1, 8),  # unclaimed, flagged: pending again
+        ):
+            run(
+                "INSERT INTO payments (txid, subaddr_major, subaddr_minor, pid_tag, amount, "
+                "height, status, seen_at, flagged_at) VALUES (?, 0, 0, ?, ?, 10, ?, 0, ?)",
+                txid * 32,
+                pid * 16,
+                amount,
+                status,
+                flagged,
+            )
+    finally:
+        conn.close()
+    assert migrate(dialect) == dialect.migrations()[-1][0]
+    conn = dialect.connect()
+    try:
+        tokens = conn.execute("SELECT balance, reversed_amount, changed_seq FROM tokens")
+        balance, reversed_amount, changed = tokens.fetchone()
+        assert (balance, reversed_amount) == (30, 50) and changed > 0
+        ledger = conn.execute("SELECT kind, amount, at FROM ledger").fetchall()
+        assert [tuple(r) for r in ledger] == [(2, 50, 7)]
+        payments = conn.execute("SELECT amount, status, reversed_at FROM payments ORDER BY amount")
+        assert [tuple(r) for r in payments.fetchall()] == [(9, 0, 8), (30, 2, None), (50, 2, 7)]
+        # A balance may now go below zero.
+        conn.execute("UPDATE tokens SET balance = -1")
+    finally:
+        conn.close()
 
 
 def test_a_failing_migration_rolls_back_completely(tmp_path):
@@ -374,41 +445,88 @@ async def test_batches_count_transitions_not_rereads(store):
 
 
 @pytest_twisted.ensureDeferred
-async def test_recheck_flags_credited_rows_and_forgets_pending_ones(store):
+async def test_recheck_reverses_credited_rows_and_forgets_pending_ones(store):
     credited = transfer(PID.raw, 1, amount=50, height=105)
     pending = transfer(OTHER.raw, 2, height=0, status=PaymentStatus.PENDING)
     old = transfer(PID.raw, 3, amount=7, height=90)  # below the window: never rechecked
-    await store.record_transfers([credited, pending, old], now=1)
-    # The wallet's full report above height 100 no longer has either transfer.
-    result = await store.record_transfers([], now=2, recheck_from=100)
-    assert (result.flagged, result.forgotten) == (1, 1)
-    # The flagged payment is not redeemable; the old one is.
-    assert (await store.redeem(PID, 3)).balance == 7
+    above = transfer(PID.raw, 4, amount=3, height=130)  # above the reported heights: unknown
+    await store.record_transfers([credited, pending, old, above], now=1)
+    # The wallet's full report of heights (100, 120] and the pool has none of them.
+    result = await store.record_transfers([], now=2, recheck=(100, 120))
+    assert (result.reversed, result.forgotten) == ({"unclaimed": 1}, 1)
+    # The reversed payment is not redeemable; the old one and the one above are.
+    assert (await store.redeem(PID, 3)).balance == 10
     assert isinstance(await store.redeem(OTHER, 3), NotFound)
-    # Flagging happens once; a second recheck finds nothing new.
-    again = await store.record_transfers([], now=4, recheck_from=100)
-    assert (again.flagged, again.forgotten) == (0, 0)
-    # Reported again (re-mined elsewhere): credited once, to the same token.
+    # Reversing happens once; a second recheck finds nothing new.
+    again = await store.record_transfers([], now=4, recheck=(100, 120))
+    assert (again.reversed, again.forgotten) == ({}, 0)
+    # Reported again (mined elsewhere) and confirmed: credited once, to the same token.
     await store.record_transfers([transfer(PID.raw, 1, amount=50, height=107)], now=5)
-    assert (await store.redeem(PID, 6)).balance == 57
+    assert (await store.redeem(PID, 6)).balance == 60
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_flagged_claimed_payment_is_never_credited_twice(store):
-    t = transfer(PID.raw, 1, amount=50, height=105)
-    await store.record_transfers([t], now=1)
+async def test_a_double_spent_claimed_payment_suspends_its_token_with_a_ledger_entry(store):
+    await store.record_transfers([transfer(PID.raw, 1, amount=50, height=105)], now=1)
     token = (await store.redeem(PID, 2)).token
-    result = await store.record_transfers([], now=3, recheck_from=100)
-    assert result.flagged == 1
-    await store.record_transfers([transfer(PID.raw, 1, amount=50, height=106)], now=4)
-    assert (await store.redeem(PID, 5)) == Redeemed(token, 50, first_claim=False)
+    await store.record_transfers([transfer(PID.raw, 2, amount=20, height=106)], now=3)
+    assert (await store.redeem(PID, 4)).balance == 70
+    result = await store.record_transfers([], now=5, recheck=(100, 110))
+    assert result.reversed == {"claimed": 2}
+    assert result.stale_tokens == [store.tagger.token_tag(token.raw)]
+    assert result.stale_pids == [store.tagger.pid_tag(PID.raw)]
+    record = await store.token_status(token)
+    assert (record.balance, record.reversed, record.status) == (0, 70, "suspended")
+    assert await store.redeem(PID, 6) == Redeemed(token, 0, False)
+    # A new payment tops the token up: real money again, so it is active with that balance.
+    await store.record_transfers([transfer(PID.raw, 3, amount=30, height=111)], now=7)
+    assert (await store.redeem(PID, 8)).balance == 30
+    assert (await store.token_status(token)).status == "active"
+    # The ledger holds one reversal a payment, never a txid or a PID.
+    rows = await store._run(
+        lambda txn, d: txn.execute("SELECT kind, amount, at FROM ledger ORDER BY id").fetchall()
+    )
+    assert sorted(tuple(r) for r in rows) == [(2, 20, 5), (2, 50, 5)]
+    # Revoked wins over suspended.
+    await store.revoke(token, None, None, 9)
+    assert (await store.token_status(token)).status == "revoked"
 
 
 @pytest_twisted.ensureDeferred
-async def test_unclaimed_flagged_payment_reads_as_pending(store):
+async def test_an_unclaimed_reversed_payment_is_pending_in_the_pool_and_gone_when_dropped(store):
     await store.record_transfers([transfer(PID.raw, 1, height=105)], now=1, wallet_height=120)
-    await store.record_transfers([], now=2, recheck_from=100)
+    pooled = transfer(PID.raw, 1, height=0, status=PaymentStatus.PENDING)
+    result = await store.record_transfers([pooled], now=2, recheck=(100, 120))
+    assert result.reversed == {"unclaimed": 1}
     assert await store.redeem(PID, 3) == Pending(height=0, wallet_height=120)
+    # Dropped from the pool (the double spend won): gone.
+    result = await store.record_transfers([], now=4, recheck=(100, 120))
+    assert result.forgotten == 1
+    assert isinstance(await store.redeem(PID, 5), NotFound)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unclaimed_reversed_payment_is_redeemable_again_once_confirmed(store):
+    await store.record_transfers([transfer(PID.raw, 1, amount=9, height=105)], now=1)
+    pooled = transfer(PID.raw, 1, amount=9, height=0, status=PaymentStatus.PENDING)
+    await store.record_transfers([pooled], now=2)
+    result = await store.record_transfers([transfer(PID.raw, 1, amount=9, height=108)], now=3)
+    assert result.restored == {"unclaimed": 1} and result.changed == {}
+    assert (await store.redeem(PID, 4)).balance == 9
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reversed_claimed_payment_reported_late_is_restored_by_identity(store):
+    """The sweep reads old heights without a recheck: it can restore, never reverse."""
+    await store.record_transfers([transfer(PID.raw, 1, amount=50, height=105)], now=1)
+    token = (await store.redeem(PID, 2)).token
+    await store.record_transfers([], now=3, recheck=(100, 110))
+    assert (await store.token_status(token)).status == "suspended"
+    # Much later, a sweep of old heights finds it confirmed at its old height.
+    late = transfer(PID.raw, 1, amount=50, height=105)
+    assert (await store.record_transfers([late], now=4)).restored == {"claimed": 1}
+    record = await store.token_status(token)
+    assert (record.balance, record.reversed, record.status) == (50, 0, "active")
 
 
 @pytest_twisted.ensureDeferred

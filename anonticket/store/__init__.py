@@ -75,6 +75,7 @@ class Store:
         # Called with each PID the monitor records as payable, after its batch commits, so a
         # negative cache never hides a payment that has just been seen.
         self.payment_listeners: list[Callable[[PaymentId], None]] = []
+        self._redeem_streams: dict[str, float] = {}  # see _redeem_synced
 
     @property
     def tagger(self) -> Tagger:
@@ -111,8 +112,10 @@ class Store:
         self._batcher = Batcher(
             self._reactor, self._pool, self._dialect, self._dialect.pool_kwargs()["cp_max"]
         )
-        for cache in (self.token_answers, self.redeem_answers):
-            cache.synced(self._clock.seconds())
+        now = self._clock.seconds()
+        self.token_answers.synced(now)
+        self._redeem_streams = {"payments": now, "tokens": now}
+        self.redeem_answers.synced(now)
 
     def close(self) -> None:
         for cache in (self.token_answers, self.redeem_answers):
@@ -178,27 +181,45 @@ class Store:
                 self._payments = NumberedRows(upto)
                 # Which PIDs got payments since the last read is not known: forget every answer.
                 self.redeem_answers.clear()
-                self.redeem_answers.synced(as_of)
+                self._redeem_synced("payments", as_of)
 
             return d.addCallback(rebuilt)
         d2 = self._run(queries.payment_tags_since, self._payments.since, _SYNC_PAGE)
 
         def add(rows: list[tuple[int, bytes]]) -> None:
-            for tag in _apply(rows, self._payments, self.redeem_answers, as_of):
+            fresh = self._payments.fresh(rows)
+            for tag in fresh:
                 known.add(tag)
+            if fresh:
+                self.redeem_answers.invalidate(fresh)
+            if len(rows) < _SYNC_PAGE:  # a full page: more to read before we are in step
+                self._redeem_synced("payments", as_of)
 
         return d2.addCallback(add)
 
+    def _redeem_synced(self, stream: str, as_of: float) -> None:
+        """A redeem answer changes with a new payment row (the payments stream) and with a
+        change of its token (the token stream): it is in step as of the older of the two."""
+        self._redeem_streams[stream] = as_of
+        self.redeem_answers.synced(min(self._redeem_streams.values()))
+
     def sync_tokens(self) -> Deferred[None]:
-        """Evict from the token answers every token another process (or this one) has topped
-        up or revoked since the last call; they are given only while these calls succeed."""
+        """Evict from the answers every token another process (or this one) has changed (a
+        top-up, revoke, reversal or restoration) since the last call, and its PID's redeem
+        answer; they are given only while these calls succeed."""
         if self._pool is None:
             return succeed(None)
         as_of = self._clock.seconds()
         d = self._run(queries.token_changes_since, self._token_changes.since, _SYNC_PAGE)
 
-        def apply(rows: list[tuple[int, bytes]]) -> None:
-            _apply(rows, self._token_changes, self.token_answers, as_of)
+        def apply(rows: list[tuple[int, bytes, bytes]]) -> None:
+            fresh = self._token_changes.fresh([(seq, (tag, pid)) for seq, tag, pid in rows])
+            if fresh:
+                self.token_answers.invalidate([tag for tag, _ in fresh])
+                self.redeem_answers.invalidate([pid for _, pid in fresh])
+            if len(rows) < _SYNC_PAGE:  # a full page: more to read before we are in step
+                self.token_answers.synced(as_of)
+                self._redeem_synced("tokens", as_of)
 
         return d.addCallback(apply)
 
@@ -231,8 +252,11 @@ class Store:
         now: int,
         cursor: int | None = None,
         wallet_height: int | None = None,
-        recheck_from: int | None = None,
+        recheck: tuple[int, int] | None = None,
+        sweep: int | None = None,
+        trusted_height: int | None = None,
     ) -> Deferred[RecordResult]:
+        """Record one answer of the wallet (see :func:`queries.record_transfers`)."""
         d = self._run(
             queries.record_transfers,
             self.tagger,
@@ -240,16 +264,19 @@ class Store:
             now,
             cursor,
             wallet_height,
-            recheck_from,
+            recheck,
+            sweep,
+            trusted_height,
         )
 
         def notify(result: RecordResult) -> RecordResult:
-            tags = [self.tagger.pid_tag(t.pid) for t in transfers]
             if self._known is not None:
-                for tag in tags:
+                for tag in result.stale_pids:
                     self._known.add(tag)
-            if tags:
-                self.redeem_answers.invalidate(tags)
+            if result.stale_pids:
+                self.redeem_answers.invalidate(result.stale_pids)
+            if result.stale_tokens:
+                self.token_answers.invalidate(result.stale_tokens)
             for t in transfers:
                 if t.status in (PaymentStatus.PENDING, PaymentStatus.UNCLAIMED):
                     pid = PaymentId(t.pid)
@@ -265,19 +292,6 @@ class Store:
 
     def ping(self) -> Deferred[bool]:
         return self._run(queries.ping)
-
-
-def _apply(
-    rows: list[tuple[int, bytes]], numbered: NumberedRows, answers: AnswerCache[Any], as_of: float
-) -> list[bytes]:
-    """Apply one page of a sync read: evict the tags of the rows not seen before (returned)
-    and, unless the page was full (more to read), mark the answers in step as of ``as_of``."""
-    fresh = numbered.fresh(rows)
-    if fresh:
-        answers.invalidate(fresh)
-    if len(rows) < _SYNC_PAGE:
-        answers.synced(as_of)
-    return fresh
 
 
 def migrate(dialect: Dialect) -> int:

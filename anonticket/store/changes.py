@@ -9,7 +9,9 @@ highest number and must tell the rows it has applied from the ones that committe
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, TypeVar
+
+T = TypeVar("T")
 
 OVERLAP: Final = 100
 
@@ -25,9 +27,9 @@ class NumberedRows:
         """Read the rows numbered above this."""
         return max(0, self.upto - self._overlap)
 
-    def fresh(self, rows: list[tuple[int, bytes]]) -> list[bytes]:
-        """The tags of the rows (number, tag), read in number order, not applied before;
-        from now on they count as applied."""
+    def fresh(self, rows: list[tuple[int, T]]) -> list[T]:
+        """What the rows (number, what) carry, read in number order, not applied before; from
+        now on they count as applied."""
         upto, recent = self.upto, self._recent
         new = [tag for number, tag in rows if number > upto or number not in recent]
         if rows:

@@ -9,6 +9,7 @@ front (unless the batch holds it already).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from anonticket.domain import PaymentId, derive_service_token
@@ -17,6 +18,7 @@ from anonticket.store.dialect import Dialect
 from anonticket.store.known import KnownTags
 from anonticket.store.records import (
     BelowMinimum,
+    LedgerKind,
     MonitorState,
     NotFound,
     PaymentStatus,
@@ -40,6 +42,8 @@ def writes(fn: F) -> F:
 
 _CURSOR = "cursor"
 _WALLET_HEIGHT = "wallet_height"
+_SWEEP = "sweep"
+_TRUSTED_HEIGHT = "trusted_height"
 
 
 @writes
@@ -59,29 +63,23 @@ def redeem(
     # One read first: an unknown PID (the common abusive case) costs one indexed query and never
     # takes the write lock.  A token implies claimed payments, so no payment means no token.
     rows = txn.execute(
-        d.sql(
-            "SELECT status, flagged_at IS NOT NULL, max(height) FROM payments "
-            "WHERE pid_tag = ? GROUP BY status, flagged_at IS NOT NULL"
-        ),
+        d.sql("SELECT status, max(height) FROM payments WHERE pid_tag = ? GROUP BY status"),
         (pid_tag,),
     ).fetchall()
     if not rows:
         return NotFound(), None
-    seen = {(int(status), bool(flagged)): int(height) for status, flagged, height in rows}
-    # Nothing waiting: no pending payment, none unclaimed that a reorg flagged (the unflagged
-    # unclaimed ones are claimed below).
-    settled = not any(
-        status == PaymentStatus.PENDING or (status == PaymentStatus.UNCLAIMED and flagged)
-        for status, flagged in seen
-    )
-    claimable = (PaymentStatus.UNCLAIMED, False) in seen
+    seen = {int(status): int(height) for status, height in rows}
+    # Nothing waiting: no pending payment (unclaimed ones are claimed below).  A claimed payment
+    # the chain took back changes the token's balance, which evicts the answer (changed_seq).
+    settled = PaymentStatus.PENDING not in seen
+    claimable = PaymentStatus.UNCLAIMED in seen
     claimed: list[tuple[bytes, int, int]] = []
     if claimable:
         d.start_write(txn)
         claimed = txn.execute(
             d.sql(
                 "UPDATE payments SET status = ?, claimed_at = ? "
-                "WHERE pid_tag = ? AND status = ? AND flagged_at IS NULL "
+                "WHERE pid_tag = ? AND status = ? "
                 "RETURNING txid, amount, height"
             ),
             (int(PaymentStatus.CLAIMED), now, pid_tag, int(PaymentStatus.UNCLAIMED)),
@@ -115,7 +113,7 @@ def redeem(
             first_claim=False,
             topped_up=True,
         ), _settled_txid(settled, row[0])
-    if claimable or any(status == PaymentStatus.CLAIMED for status, _ in seen):
+    if claimable or PaymentStatus.CLAIMED in seen:
         # Claimed before, or just now by a concurrent redeem: the token exists.
         row = txn.execute(
             d.sql("SELECT first_txid, balance FROM tokens WHERE pid_tag = ?"), (pid_tag,)
@@ -123,14 +121,14 @@ def redeem(
         if row is not None:
             token = derive_service_token(pid, bytes(row[0]).hex())
             return Redeemed(token, int(row[1]), first_claim=False), _settled_txid(settled, row[0])
-    # What is left: pending payments, unclaimed ones flagged by a reorg (pending again until
-    # the wallet reports them again), dust, or nothing redeemable.
-    pending = [h for (status, _), h in seen.items() if status == PaymentStatus.PENDING]
-    if pending:
-        return Pending(max(pending), _state(txn, d).wallet_height), None
-    if (PaymentStatus.UNCLAIMED, True) in seen:
-        return Pending(0, _state(txn, d).wallet_height), None
-    if any(status == PaymentStatus.DUST for status, _ in seen):
+    # What is left: pending payments (new ones, or credited ones the chain took back and that
+    # the wallet still shows unconfirmed), dust, or nothing redeemable.
+    if PaymentStatus.PENDING in seen:
+        state = _state(txn, d)
+        # Confirmations count from the height the monitor acted on, not a spike it refused.
+        height = state.wallet_height if state.trusted_height is None else state.trusted_height
+        return Pending(seen[PaymentStatus.PENDING], height), None
+    if PaymentStatus.DUST in seen:
         return BelowMinimum(), None
     return NotFound(), None
 
@@ -146,10 +144,11 @@ def _token_record(row: Sequence[Any]) -> TokenRecord:
         revoked_at=None if row[2] is None else int(row[2]),
         revoke_reason=row[3],
         abuse_score=int(row[4]),
+        reversed=int(row[5]),
     )
 
 
-_TOKEN_COLUMNS = "balance, issued_at, revoked_at, revoke_reason, abuse_score"
+_TOKEN_COLUMNS = "balance, issued_at, revoked_at, revoke_reason, abuse_score, reversed_amount"
 
 
 def token_status(txn: Txn, d: Dialect, token_tag: bytes) -> TokenRecord | None:
@@ -184,6 +183,61 @@ def revoke(
     return None if record is None else (record, False)
 
 
+Identity = tuple[bytes, int, int]  # txid, subaddress major, minor
+
+
+@dataclass(slots=True)
+class _Row:
+    id: int
+    pid_tag: bytes
+    amount: int
+    height: int
+    status: int
+    reversed_at: int | None
+
+
+_ROW_COLUMNS = "id, pid_tag, amount, height, status, reversed_at"
+_IN_CHUNK = 500  # identities looked up per statement (well below any bind-parameter limit)
+
+
+@dataclass(slots=True)
+class _Changes:
+    """What one batch did, gathered while it runs (becomes a :class:`RecordResult`)."""
+
+    changed: dict[PaymentStatus, int] = field(default_factory=dict)
+    reversed: dict[str, int] = field(default_factory=dict)
+    restored: dict[str, int] = field(default_factory=dict)
+    forgotten: int = 0
+    stale_pids: set[bytes] = field(default_factory=set)
+    stale_tokens: set[bytes] = field(default_factory=set)
+
+    def count(self, counts: dict[Any, int], key: Any) -> None:
+        counts[key] = counts.get(key, 0) + 1
+
+    def result(self) -> RecordResult:
+        return RecordResult(
+            changed=self.changed,
+            reversed=self.reversed,
+            restored=self.restored,
+            forgotten=self.forgotten,
+            stale_pids=sorted(self.stale_pids),
+            stale_tokens=sorted(self.stale_tokens),
+        )
+
+
+def _more_confirmed(a: Transfer, b: Transfer) -> Transfer:
+    """Of two reports of one transfer in one answer, the one that says more (mined over pool)."""
+    return (
+        a
+        if (a.status == PaymentStatus.UNCLAIMED, a.height)
+        >= (
+            b.status == PaymentStatus.UNCLAIMED,
+            b.height,
+        )
+        else b
+    )
+
+
 @writes
 def record_transfers(
     txn: Txn,
@@ -193,57 +247,69 @@ def record_transfers(
     now: int,
     cursor: int | None,
     wallet_height: int | None,
-    recheck_from: int | None,
+    recheck: tuple[int, int] | None,
+    sweep: int | None = None,
+    trusted_height: int | None = None,
 ) -> RecordResult:
-    """Store a batch of transfers and, in the same transaction, the monitor's cursor.
+    """Store what the wallet reported and, in the same transaction, the monitor's state.
 
-    Re-reading a transfer is harmless: the row is keyed by its identity; its height and
-    pending/unclaimed status follow the wallet; a claimed, dust or legacy row never changes.
+    Each reported transfer's row follows the wallet (rows are keyed by transfer identity, so a
+    re-read is harmless): a pending one becomes unclaimed (redeemable) when the wallet reports
+    it confirmed; a credited one (unclaimed or claimed) the wallet reports unconfirmed again -
+    back in the pool, or mined again with fewer than N confirmations - is *reversed*, and
+    *restored* once confirmed again.  Dust and legacy rows never become payable.
 
-    With ``recheck_from`` the batch is the wallet's complete report of heights above it (and of
-    the pool): a row there that the wallet no longer reports is a reorged-out or dropped
-    transfer.  A pending one is forgotten; a credited one is flagged, never credited again.
+    With ``recheck = (lo, hi)`` the batch is the wallet's complete report of heights
+    ``lo < h <= hi`` and of the pool: a row there that the wallet no longer reports was
+    reorganised out or dropped.  A pending one is forgotten; a credited one is reversed.
+
+    Reversing a claimed transfer takes its amount off the token (the balance may go below zero:
+    the token is suspended) with a ledger entry; restoring it puts the amount back, so a
+    transfer is never credited twice and an honest reorg ends where it started.  An unclaimed
+    one simply stops being redeemable: pending again while the wallet shows it, gone when not.
     """
     d.start_write(txn)
-    changed: dict[PaymentStatus, int] = {}
-    keep = (int(PaymentStatus.PENDING), int(PaymentStatus.UNCLAIMED))
+    changes = _Changes()
+    reported: dict[Identity, Transfer] = {}
     for t in transfers:
-        row = txn.execute(
+        key = (t.txid, t.subaddr_major, t.subaddr_minor)
+        known = reported.get(key)
+        reported[key] = t if known is None else _more_confirmed(known, t)
+    existing = _rows_for(txn, d, list(reported))
+    for key, t in reported.items():
+        row = existing.get(key)
+        if row is None:
+            pid_tag = tagger.pid_tag(t.pid)
+            txn.execute(
+                d.sql(
+                    "INSERT INTO payments (txid, subaddr_major, subaddr_minor, pid_tag, amount, "
+                    "height, status, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                ),
+                (*key, pid_tag, t.amount, t.height, int(t.status), now),
+            )
+            changes.count(changes.changed, t.status)
+            changes.stale_pids.add(pid_tag)
+        else:
+            _follow(txn, d, row, t, now, changes)
+    if recheck is not None:
+        lo, hi = recheck
+        rows = txn.execute(
             d.sql(
-                "INSERT INTO payments (txid, subaddr_major, subaddr_minor, pid_tag, amount, "
-                "height, status, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (txid, subaddr_major, subaddr_minor) DO UPDATE SET "
-                "height = excluded.height, flagged_at = NULL, "
-                "status = CASE WHEN payments.status IN (?, ?) AND excluded.status IN (?, ?) "
-                "THEN excluded.status ELSE payments.status END "
-                # Only real changes return a row, so the counts below are transitions.
-                "WHERE payments.height <> excluded.height OR payments.flagged_at IS NOT NULL "
-                "OR (payments.status <> excluded.status AND payments.status IN (?, ?) "
-                "AND excluded.status IN (?, ?)) "
-                "RETURNING status"
+                f"SELECT txid, subaddr_major, subaddr_minor, {_ROW_COLUMNS} FROM payments "
+                "WHERE ((height > ? AND height <= ?) OR height = 0) AND status IN (?, ?, ?)"
             ),
-            (
-                t.txid,
-                t.subaddr_major,
-                t.subaddr_minor,
-                tagger.pid_tag(t.pid),
-                t.amount,
-                t.height,
-                int(t.status),
-                now,
-                *keep,
-                *keep,
-                *keep,
-                *keep,
-            ),
-        ).fetchone()
-        if row is not None:
-            status = PaymentStatus(int(row[0]))
-            changed[status] = changed.get(status, 0) + 1
-    flagged = forgotten = 0
-    if recheck_from is not None:
-        flagged, forgotten = _recheck(txn, d, transfers, recheck_from, now)
-    for name, value in ((_CURSOR, cursor), (_WALLET_HEIGHT, wallet_height)):
+            (lo, hi, *_MONEY),
+        ).fetchall()
+        for txid, major, minor, *columns in rows:
+            if (bytes(txid), int(major), int(minor)) not in reported:
+                _gone(txn, d, _row(columns), now, changes)
+    state = (
+        (_CURSOR, cursor),
+        (_WALLET_HEIGHT, wallet_height),
+        (_TRUSTED_HEIGHT, trusted_height),
+        (_SWEEP, sweep),
+    )
+    for name, value in state:
         if value is not None:
             txn.execute(
                 d.sql(
@@ -252,41 +318,136 @@ def record_transfers(
                 ),
                 (name, value),
             )
-    return RecordResult(changed=changed, flagged=flagged, forgotten=forgotten)
+    return changes.result()
 
 
-def _recheck(
-    txn: Txn, d: Dialect, reported: Sequence[Transfer], above: int, now: int
-) -> tuple[int, int]:
-    seen = {(t.txid, t.subaddr_major, t.subaddr_minor) for t in reported}
-    rows = txn.execute(
-        d.sql(
-            "SELECT id, txid, subaddr_major, subaddr_minor, status FROM payments "
-            "WHERE (height > ? OR height = 0) AND status IN (?, ?, ?) AND flagged_at IS NULL"
-        ),
-        (
-            above,
-            int(PaymentStatus.PENDING),
-            int(PaymentStatus.UNCLAIMED),
-            int(PaymentStatus.CLAIMED),
-        ),
-    ).fetchall()
-    flagged = forgotten = 0
-    for row_id, txid, major, minor, status in rows:
-        if (bytes(txid), int(major), int(minor)) in seen:
-            continue
-        if int(status) == PaymentStatus.PENDING:
-            txn.execute(d.sql("DELETE FROM payments WHERE id = ?"), (row_id,))
-            forgotten += 1
+_MONEY = (int(PaymentStatus.PENDING), int(PaymentStatus.UNCLAIMED), int(PaymentStatus.CLAIMED))
+
+
+def _row(columns: Sequence[Any]) -> _Row:
+    row_id, pid_tag, amount, height, status, reversed_at = columns
+    return _Row(
+        int(row_id),
+        bytes(pid_tag),
+        int(amount),
+        int(height),
+        int(status),
+        None if reversed_at is None else int(reversed_at),
+    )
+
+
+def _rows_for(txn: Txn, d: Dialect, keys: list[Identity]) -> dict[Identity, _Row]:
+    found: dict[Identity, _Row] = {}
+    wanted = set(keys)
+    txids = sorted({key[0] for key in keys})
+    for start in range(0, len(txids), _IN_CHUNK):
+        chunk = txids[start : start + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        rows = txn.execute(
+            d.sql(
+                f"SELECT txid, subaddr_major, subaddr_minor, {_ROW_COLUMNS} FROM payments "
+                f"WHERE txid IN ({marks})"
+            ),
+            chunk,
+        ).fetchall()
+        for txid, major, minor, *columns in rows:
+            key = (bytes(txid), int(major), int(minor))
+            if key in wanted:
+                found[key] = _row(columns)
+    return found
+
+
+def _follow(txn: Txn, d: Dialect, row: _Row, t: Transfer, now: int, changes: _Changes) -> None:
+    """Bring one stored row in line with the wallet's new report of it."""
+    confirmed = t.status == PaymentStatus.UNCLAIMED
+    was_reversed = row.reversed_at is not None
+    money = row.status in _MONEY and t.status in (PaymentStatus.PENDING, PaymentStatus.UNCLAIMED)
+    if money and row.status == PaymentStatus.PENDING and confirmed:
+        _set(txn, d, row, status=PaymentStatus.UNCLAIMED, height=t.height, reversed_at=None)
+        if not was_reversed:
+            changes.count(changes.changed, PaymentStatus.UNCLAIMED)
         else:
-            txn.execute(d.sql("UPDATE payments SET flagged_at = ? WHERE id = ?"), (now, row_id))
-            flagged += 1
-    return flagged, forgotten
+            changes.count(changes.restored, "unclaimed")
+        changes.stale_pids.add(row.pid_tag)
+    elif money and row.status == PaymentStatus.UNCLAIMED and not confirmed:
+        _set(txn, d, row, status=PaymentStatus.PENDING, height=t.height, reversed_at=now)
+        changes.count(changes.reversed, "unclaimed")
+        changes.stale_pids.add(row.pid_tag)
+    elif money and row.status == PaymentStatus.CLAIMED and confirmed == was_reversed:
+        # Confirmed again after a reversal (restore), or no longer confirmed (reverse).
+        _move_claimed(txn, d, row, t.height, now, changes, restore=confirmed)
+    elif row.height != t.height:
+        txn.execute(d.sql("UPDATE payments SET height = ? WHERE id = ?"), (t.height, row.id))
+
+
+def _gone(txn: Txn, d: Dialect, row: _Row, now: int, changes: _Changes) -> None:
+    """A row in the re-checked heights (or the pool) that the wallet no longer reports."""
+    if row.status == PaymentStatus.CLAIMED:
+        if row.reversed_at is None:
+            _move_claimed(txn, d, row, row.height, now, changes, restore=False)
+        return
+    txn.execute(d.sql("DELETE FROM payments WHERE id = ?"), (row.id,))
+    if row.status == PaymentStatus.UNCLAIMED:
+        changes.count(changes.reversed, "unclaimed")
+    else:
+        changes.forgotten += 1
+    changes.stale_pids.add(row.pid_tag)
+
+
+def _set(
+    txn: Txn, d: Dialect, row: _Row, *, status: PaymentStatus, height: int, reversed_at: int | None
+) -> None:
+    txn.execute(
+        d.sql("UPDATE payments SET status = ?, height = ?, reversed_at = ? WHERE id = ?"),
+        (int(status), height, reversed_at, row.id),
+    )
+
+
+def _move_claimed(
+    txn: Txn,
+    d: Dialect,
+    row: _Row,
+    height: int,
+    now: int,
+    changes: _Changes,
+    *,
+    restore: bool,
+) -> None:
+    """Take a claimed transfer's amount off its token (a reversal) or put it back (a
+    restoration), with a ledger entry and a change number that evicts every node's answers."""
+    txn.execute(
+        d.sql("UPDATE payments SET height = ?, reversed_at = ? WHERE id = ?"),
+        (height, None if restore else now, row.id),
+    )
+    delta = row.amount if restore else -row.amount
+    token = txn.execute(
+        d.sql(
+            "UPDATE tokens SET balance = balance + ?, reversed_amount = reversed_amount - ?, "
+            f"changed_seq = {d.next_token_change} WHERE pid_tag = ? RETURNING id, token_tag"
+        ),
+        (delta, delta, row.pid_tag),
+    ).fetchone()
+    if token is not None and row.amount > 0:
+        kind = LedgerKind.RESTORATION if restore else LedgerKind.REVERSAL
+        txn.execute(
+            d.sql(
+                "INSERT INTO ledger (token_id, kind, amount, payment_id, at) VALUES (?, ?, ?, ?, ?)"
+            ),
+            (int(token[0]), int(kind), row.amount, row.id, now),
+        )
+        changes.stale_tokens.add(bytes(token[1]))
+    changes.count(changes.restored if restore else changes.reversed, "claimed")
+    changes.stale_pids.add(row.pid_tag)
 
 
 def _state(txn: Txn, d: Dialect) -> MonitorState:
     rows = dict(txn.execute(d.sql("SELECT name, value FROM monitor_state")).fetchall())
-    return MonitorState(cursor=rows.get(_CURSOR), wallet_height=rows.get(_WALLET_HEIGHT))
+    return MonitorState(
+        cursor=rows.get(_CURSOR),
+        wallet_height=rows.get(_WALLET_HEIGHT),
+        trusted_height=rows.get(_TRUSTED_HEIGHT),
+        sweep=rows.get(_SWEEP),
+    )
 
 
 def monitor_state(txn: Txn, d: Dialect) -> MonitorState:
@@ -319,16 +480,20 @@ def last_token_change(cursor: Any, d: Dialect) -> int:
     return int(row[0])
 
 
-def token_changes_since(txn: Txn, d: Dialect, after: int, limit: int) -> list[tuple[int, bytes]]:
-    """(changed_seq, token_tag) of tokens stamped above ``after``, in order, at most ``limit``."""
+def token_changes_since(
+    txn: Txn, d: Dialect, after: int, limit: int
+) -> list[tuple[int, bytes, bytes]]:
+    """(changed_seq, token_tag, pid_tag) of tokens stamped above ``after``, in order, at most
+    ``limit``: a top-up, revoke, reversal or restoration changes both the token's answer and
+    its PID's redeem answer."""
     rows = txn.execute(
         d.sql(
-            "SELECT changed_seq, token_tag FROM tokens WHERE changed_seq > ? "
+            "SELECT changed_seq, token_tag, pid_tag FROM tokens WHERE changed_seq > ? "
             "ORDER BY changed_seq LIMIT ?"
         ),
         (after, limit),
     ).fetchall()
-    return [(int(seq), bytes(tag)) for seq, tag in rows]
+    return [(int(seq), bytes(tag), bytes(pid_tag)) for seq, tag, pid_tag in rows]
 
 
 def ping(txn: Txn, d: Dialect) -> bool:

@@ -18,6 +18,15 @@ class PaymentStatus(IntEnum):
     LEGACY = 4  # 64-hex cleartext payment id: recorded, never redeemable
 
 
+class LedgerKind(IntEnum):
+    """A ledger entry's kind, stored as a small integer; the numbers are part of the schema."""
+
+    CREDIT = 0  # reserved for the ledger of credits and spends
+    SPEND = 1  # reserved
+    REVERSAL = 2  # a claimed transfer the chain took back: its amount left the balance
+    RESTORATION = 3  # the same transfer confirmed again: its amount is back
+
+
 @dataclass(frozen=True, slots=True)
 class Transfer:
     """One incoming transfer as the monitor records it."""
@@ -69,23 +78,40 @@ class TokenRecord:
     revoked_at: int | None
     revoke_reason: str | None
     abuse_score: int
+    reversed: int = 0  # reversed and not restored
 
     @property
     def revoked(self) -> bool:
         return self.revoked_at is not None
 
+    @property
+    def status(self) -> str:
+        """``revoked``; ``suspended`` while a reversal has taken the balance to zero or below
+        (until the money is back, or a payment covers it); else ``active``."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.balance < 0 or (self.reversed > 0 and self.balance <= 0):
+            return "suspended"
+        return "active"
+
 
 @dataclass(frozen=True, slots=True)
 class RecordResult:
-    """What a batch changed: rows that entered each status, credited rows flagged as gone
-    from the wallet, and pending rows forgotten because the wallet dropped them."""
+    """What a batch changed: rows that entered each status; credited transfers reversed and
+    reversed ones restored, by claim state (``claimed``/``unclaimed``); pending rows forgotten
+    because the wallet dropped them; and the tags whose in-memory answers are now stale."""
 
     changed: dict[PaymentStatus, int] = field(default_factory=dict)
-    flagged: int = 0
+    reversed: dict[str, int] = field(default_factory=dict)
+    restored: dict[str, int] = field(default_factory=dict)
     forgotten: int = 0
+    stale_pids: list[bytes] = field(default_factory=list)  # PID tags
+    stale_tokens: list[bytes] = field(default_factory=list)  # token tags
 
 
 @dataclass(frozen=True, slots=True)
 class MonitorState:
     cursor: int | None
-    wallet_height: int | None
+    wallet_height: int | None  # as the wallet last reported it (not necessarily trusted)
+    trusted_height: int | None = None  # what the monitor acted on at that poll
+    sweep: int | None = None  # where the background sweep of older heights goes on from

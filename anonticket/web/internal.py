@@ -40,6 +40,12 @@ class MonitorHealth(Protocol):
     def last_success(self) -> float | None:
         """Reactor time of the last poll that completed, or None before the first."""
 
+    def height_note(self) -> str | None:
+        """Why the last poll did not take the wallet's height as reported, if it did not."""
+
+    def trusted_height(self) -> int | None:
+        """The height the last successful poll acted on, if any."""
+
 
 def internal_token_view(record: TokenRecord) -> dict[str, Any]:
     view = token_view(record)
@@ -146,6 +152,13 @@ class InternalAPI:
             last = self._monitor.last_success()
             limit = 3 * self._monitor.poll_interval
             body["last_poll"] = None if last is None else rfc3339(int(last))
+            # What the monitor made of the wallet's height: "ok", or why it did not trust it,
+            # and the height it acts on (confirmations and the lag count from it).
+            body["height_check"] = self._monitor.height_note() or "ok"
+            trusted = self._monitor.trusted_height()
+            body["trusted_height"] = trusted
+            if trusted is not None and state.cursor is not None:
+                body["lag"] = max(0, trusted - self._min_confirmations - state.cursor)
             if last is None:
                 body["monitor"] = "starting"
                 problems.append("the monitor has not completed a poll yet")

@@ -65,7 +65,7 @@ def rfc3339(timestamp: int | None) -> str | None:
 
 def token_view(record: TokenRecord) -> dict[str, Any]:
     return {
-        "status": "revoked" if record.revoked else "active",
+        "status": record.status,
         "balance": record.balance,
         "issued_at": rfc3339(record.issued_at),
         "revoked_at": rfc3339(record.revoked_at),
@@ -141,8 +141,9 @@ class PublicAPI:
                 outcomes.count("pending")
                 confirmations = 0
                 if height > 0 and wallet_height is not None:
-                    # The wallet's own count: a transfer at height h has (wallet height - h).
-                    confirmations = max(0, wallet_height - height)
+                    # The wallet's own count: a transfer at height h has (wallet height - h);
+                    # still pending, so below N (the monitor waits for a second poll to agree).
+                    confirmations = min(max(0, wallet_height - height), self._min_confirmations - 1)
                 return respond(
                     request,
                     {
