@@ -45,6 +45,7 @@ EXIT_USAGE: Final = 2
 EXIT_PENDING: Final = 3
 EXIT_NOT_FOUND: Final = 4
 EXIT_REVOKED: Final = 5
+EXIT_SUSPENDED: Final = 6
 
 PROG: Final = "anonticket-client"
 MAX_RESPONSE: Final = 64 * 1024
@@ -62,7 +63,8 @@ EXIT_CODES: Final = """exit codes:
   2  malformed input (payment id, token, address, options)
   3  payment seen but not confirmed enough yet: retry later
   4  payment or token not found
-  5  the token is revoked"""
+  5  the token is revoked
+  6  the token is suspended: a payment credited to it was taken back by the chain"""
 PID_IS_SECRET: Final = (
     "keep the payment id secret until you have redeemed it: whoever knows it can claim the payment"
 )
@@ -84,8 +86,9 @@ def _printable(text: str) -> str:
 
 
 def format_xmr(atomic: int) -> str:
-    whole, frac = divmod(atomic, ATOMIC_PER_XMR)  # integers only: no float rounding
-    return f"{atomic} atomic units ({whole}.{frac:012d} XMR)"
+    sign = "-" if atomic < 0 else ""
+    whole, frac = divmod(abs(atomic), ATOMIC_PER_XMR)  # integers only: no float rounding
+    return f"{atomic} atomic units ({sign}{whole}.{frac:012d} XMR)"
 
 
 def _print_fields(out: TextIO, fields: Sequence[tuple[str, str]]) -> None:
@@ -311,11 +314,16 @@ def _redeem_outcome(code: int, body: dict[str, Any]) -> tuple[int, list[tuple[st
             token = ServiceToken.parse(body.get("service_token"))
         except DomainError:
             raise _unexpected(code) from None
-        balance = format_xmr(_count(body, "balance", code))
-        return EXIT_OK, [
+        balance = format_xmr(_balance(body, code))
+        # An older server sends no token_status: its tokens were active or revoked unseen.
+        token_status = body.get("token_status", "active")
+        if token_status not in _TOKEN_EXIT:
+            raise _unexpected(code)
+        return _TOKEN_EXIT[token_status], [
             ("status", str(status)),
             ("service token", token.hex),
             ("balance", balance),
+            ("token status", token_status),
         ]
     if code == 202 and status == "pending":
         have, need = _count(body, "confirmations", code), _count(body, "required", code)
@@ -325,17 +333,28 @@ def _redeem_outcome(code: int, body: dict[str, Any]) -> tuple[int, list[tuple[st
     raise _refusal(code, body)
 
 
+_TOKEN_EXIT: Final = {"active": EXIT_OK, "revoked": EXIT_REVOKED, "suspended": EXIT_SUSPENDED}
+
+
+def _balance(body: dict[str, Any], code: int) -> int:
+    """A balance: below zero only when a reversal took back money that had been spent."""
+    value = body.get("balance")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _unexpected(code)
+    return value
+
+
 def _status_outcome(code: int, body: dict[str, Any]) -> tuple[int, list[tuple[str, str]]]:
     status = body.get("status")
-    if code != 200 or status not in ("active", "revoked"):
+    if code != 200 or status not in _TOKEN_EXIT:
         raise _refusal(code, body) if code >= 300 else _unexpected(code)
     fields = [
         ("status", str(status)),
-        ("balance", format_xmr(_count(body, "balance", code))),
+        ("balance", format_xmr(_balance(body, code))),
         ("issued at", _text(body, "issued_at", code)),
         ("revoked at", _text(body, "revoked_at", code, optional=True)),
     ]
-    return (EXIT_OK if status == "active" else EXIT_REVOKED), fields
+    return _TOKEN_EXIT[status], fields
 
 
 def _report(

@@ -258,6 +258,28 @@ async def test_revoked_token_exits_5(daemon, http):
     assert (code, err) == (5, "")
     assert re.search(r"^status: +revoked$", out, re.M)
     assert re.search(r"^revoked at: +\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", out, re.M)
+    # A new payment to its PID is recorded, but the redeem says the token is revoked: exit 5,
+    # not 0 ("active").
+    await daemon.store.record_transfers([transfer(PID, 2, amount=3)], now=2)
+    code, out, err = await cli("redeem", PID, "--url", daemon.public_url)
+    assert (code, err) == (5, "")
+    assert re.search(r"^token status: +revoked$", out, re.M)
+    assert re.search(r"^balance: +8 atomic units", out, re.M)
+    # Asked again (now answered from memory): the same.
+    assert (await cli("redeem", PID, "--url", daemon.public_url))[0] == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_suspended_token_exits_6(daemon):
+    await daemon.store.record_transfers([transfer(PID, 1, amount=5, height=100)], now=1)
+    _, out, _ = await cli("redeem", "--json", PID, "--url", daemon.public_url)
+    token = json.loads(out)["service_token"]
+    await daemon.store.record_transfers([], now=2, recheck=(90, 110))  # double-spent
+    code, out, err = await cli("status", token, "--url", daemon.public_url)
+    assert (code, err) == (6, "")
+    assert re.search(r"^status: +suspended$", out, re.M)
+    code, out, _ = await cli("redeem", PID, "--url", daemon.public_url)
+    assert code == 6 and re.search(r"^token status: +suspended$", out, re.M)
 
 
 # --------------------------------------------------------------------------- network trouble

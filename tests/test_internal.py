@@ -102,9 +102,10 @@ async def test_metrics_count_outcomes_without_secrets_in_labels(daemon, http):
         'anonticket_token_lookups_total{outcome="active"} 1.0',
         'anonticket_token_revocations_total{outcome="revoked"} 1.0',
         'anonticket_http_responses_total{code="400",route="redeem",site="public"} 1.0',
-        # The token was checked, then revoked (evicted); the PID's redeem answer is kept.
+        # The token was checked, then revoked: both its answers are evicted (a redeem of its
+        # PID now says the token is revoked).
         'anonticket_answer_cache_entries{kind="token"} 0.0',
-        'anonticket_answer_cache_entries{kind="redeem"} 1.0',
+        'anonticket_answer_cache_entries{kind="redeem"} 0.0',
     ):
         assert line in text, line
     assert 'anonticket_http_request_duration_seconds_count{route="redeem",site="public"}' in text

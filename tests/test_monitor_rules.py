@@ -77,7 +77,7 @@ async def test_a_double_spend_on_a_longer_chain_is_reversed_whatever_its_length(
     assert h.polls("ok") == 4
     record = await store.token_status(token)
     assert (record.status, record.balance) == ("suspended", 0)
-    assert await store.redeem(A, 2) == Redeemed(token, 0, first_claim=False)
+    assert await store.redeem(A, 2) == Redeemed(token, 0, False, token_status="suspended")
     assert isinstance(await store.redeem(B, 2), NotFound)
     assert count(h, "monitor_reversals", "claimed") == 1
     assert count(h, "monitor_reversals", "unclaimed") == 1

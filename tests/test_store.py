@@ -126,7 +126,7 @@ async def test_a_claimed_transfer_back_in_the_pool_is_reversed_then_restored_onc
     pooled = transfer(PID.raw, 1, amount=10, height=0, status=PaymentStatus.PENDING)
     result = await store.record_transfers([pooled], now=3)
     assert result.reversed == {"claimed": 1} and result.restored == {}
-    assert await store.redeem(PID, 4) == Redeemed(token, 0, first_claim=False)
+    assert await store.redeem(PID, 4) == Redeemed(token, 0, False, token_status="suspended")
     record = await store.token_status(token)
     assert (record.balance, record.status) == (0, "suspended")
     # Reported again and again while in the pool: reversed once.
@@ -477,7 +477,7 @@ async def test_a_double_spent_claimed_payment_suspends_its_token_with_a_ledger_e
     assert result.stale_pids == [store.tagger.pid_tag(PID.raw)]
     record = await store.token_status(token)
     assert (record.balance, record.reversed, record.status) == (0, 70, "suspended")
-    assert await store.redeem(PID, 6) == Redeemed(token, 0, False)
+    assert await store.redeem(PID, 6) == Redeemed(token, 0, False, token_status="suspended")
     # A new payment tops the token up: real money again, so it is active with that balance.
     await store.record_transfers([transfer(PID.raw, 3, amount=30, height=111)], now=7)
     assert (await store.redeem(PID, 8)).balance == 30

@@ -43,6 +43,7 @@ T = TypeVar("T")
 log = Logger()
 
 _SYNC_PAGE = 10_000  # payment rows, or token changes, read per sync
+_STATUSES = ("active", "revoked", "suspended")  # a token status as one byte of a redeem answer
 
 
 class Store:
@@ -69,8 +70,8 @@ class Store:
         # Answers to repeated token checks and redeems (see answercache.py), kept in step with
         # every payment, top-up and revoke, here and on other nodes.
         self.token_answers: AnswerCache[Any] = AnswerCache(self._clock, answer_cache)
-        # One bytes value per PID (first txid, then the balance): 180 bytes an entry with its
-        # key, against 260 for a tuple of the two.
+        # One bytes value per PID (first txid, token status, signed balance): ~180 bytes an
+        # entry with its key, against 260 for a tuple.
         self.redeem_answers: AnswerCache[bytes] = AnswerCache(self._clock, answer_cache)
         # Called with each PID the monitor records as payable, after its batch commits, so a
         # negative cache never hides a payment that has just been seen.
@@ -148,9 +149,10 @@ class Store:
         settled = self.redeem_answers.get(pid_tag)
         if settled is not None:
             # Every payment of this PID is claimed and none was recorded since: the answer is
-            # the token (re-derived, never kept) and the balance it had.
+            # the token (re-derived, never kept), its status and the balance it had.
             token = derive_service_token(pid, settled[:32].hex())
-            return Redeemed(token, int.from_bytes(settled[32:], "big"), False)
+            balance = int.from_bytes(settled[33:], "big", signed=True)
+            return Redeemed(token, balance, False, token_status=_STATUSES[settled[32]])
         ticket = self.redeem_answers.ticket()
         d = self._run(queries.redeem, self.tagger, pid, pid_tag, now)
 
@@ -160,8 +162,9 @@ class Store:
                 if result.topped_up:
                     self.token_answers.invalidate([self.tagger.token_tag(result.token.raw)])
                 if settled_txid is not None:
-                    answer = settled_txid + result.balance.to_bytes(16, "big")
-                    self.redeem_answers.put(pid_tag, answer, ticket)
+                    status = _STATUSES.index(result.token_status).to_bytes(1, "big")
+                    balance = result.balance.to_bytes(16, "big", signed=True)
+                    self.redeem_answers.put(pid_tag, settled_txid + status + balance, ticket)
             return result
 
         return d.addCallback(done)
@@ -238,11 +241,15 @@ class Store:
         d = self._run(queries.revoke, tag, reason, abuse_score, now)
 
         def revoked(
-            result: tuple[TokenRecord, bool] | None,
+            result: tuple[TokenRecord, bool, bytes] | None,
         ) -> tuple[TokenRecord, bool] | None:
-            if result is not None and result[1]:
+            if result is None:
+                return None
+            record, newly, pid_tag = result
+            if newly:
                 self.token_answers.invalidate([tag])
-            return result
+                self.redeem_answers.invalidate([pid_tag])
+            return record, newly
 
         return d.addCallback(revoked)
 

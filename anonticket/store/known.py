@@ -32,10 +32,17 @@ class KnownTags:
         return [(h1 + i * h2) % m for i in range(K)]
 
     def add(self, tag: bytes) -> None:
+        """Add a tag; ``count`` grows only when it sets a new bit, so the same tag added again
+        (every poll re-reads its window, every sync its overlap) never fills the filter."""
         bits = self._bits
+        new = False
         for p in self._positions(tag):
-            bits[p >> 3] |= 1 << (p & 7)
-        self.count += 1
+            mask = 1 << (p & 7)
+            if not bits[p >> 3] & mask:
+                bits[p >> 3] |= mask
+                new = True
+        if new:
+            self.count += 1
 
     def __contains__(self, tag: object) -> bool:
         if not isinstance(tag, bytes):

@@ -28,6 +28,7 @@ from anonticket.store.records import (
     RedeemResult,
     TokenRecord,
     Transfer,
+    status_of,
 )
 
 Txn = Any  # adbapi.Transaction: a DB-API cursor
@@ -99,28 +100,23 @@ def redeem(
             return Redeemed(token, int(inserted[0]), first_claim=True), _settled_txid(
                 settled, first_txid
             )
-        # A later payment to an already-redeemed PID: top up the existing token.
+        # A later payment to an already-redeemed PID: top up the existing token (a revoked one
+        # too: the money is recorded, and the answer says the token is revoked).
         row = txn.execute(
             d.sql(
                 f"UPDATE tokens SET balance = balance + ?, changed_seq = {d.next_token_change} "
-                "WHERE pid_tag = ? RETURNING first_txid, balance"
+                f"WHERE pid_tag = ? RETURNING {_REDEEMED_COLUMNS}"
             ),
             (credit, pid_tag),
         ).fetchone()
-        return Redeemed(
-            derive_service_token(pid, bytes(row[0]).hex()),
-            int(row[1]),
-            first_claim=False,
-            topped_up=True,
-        ), _settled_txid(settled, row[0])
+        return _redeemed(pid, row, topped_up=True), _settled_txid(settled, row[0])
     if claimable or PaymentStatus.CLAIMED in seen:
         # Claimed before, or just now by a concurrent redeem: the token exists.
         row = txn.execute(
-            d.sql("SELECT first_txid, balance FROM tokens WHERE pid_tag = ?"), (pid_tag,)
+            d.sql(f"SELECT {_REDEEMED_COLUMNS} FROM tokens WHERE pid_tag = ?"), (pid_tag,)
         ).fetchone()
         if row is not None:
-            token = derive_service_token(pid, bytes(row[0]).hex())
-            return Redeemed(token, int(row[1]), first_claim=False), _settled_txid(settled, row[0])
+            return _redeemed(pid, row, topped_up=False), _settled_txid(settled, row[0])
     # What is left: pending payments (new ones, or credited ones the chain took back and that
     # the wallet still shows unconfirmed), dust, or nothing redeemable.
     if PaymentStatus.PENDING in seen:
@@ -131,6 +127,20 @@ def redeem(
     if PaymentStatus.DUST in seen:
         return BelowMinimum(), None
     return NotFound(), None
+
+
+_REDEEMED_COLUMNS = "first_txid, balance, revoked_at IS NOT NULL, reversed_amount"
+
+
+def _redeemed(pid: PaymentId, row: Sequence[Any], *, topped_up: bool) -> Redeemed:
+    first_txid, balance, revoked, reversed_amount = row
+    return Redeemed(
+        derive_service_token(pid, bytes(first_txid).hex()),
+        int(balance),
+        first_claim=False,
+        topped_up=topped_up,
+        token_status=status_of(int(balance), bool(revoked), int(reversed_amount)),
+    )
 
 
 def _settled_txid(settled: bool, first_txid: Any) -> bytes | None:
@@ -166,21 +176,24 @@ def revoke(
     reason: str | None,
     abuse_score: int | None,
     now: int,
-) -> tuple[TokenRecord, bool] | None:
-    """Revoke once; a second revoke returns the current record and changes nothing."""
+) -> tuple[TokenRecord, bool, bytes] | None:
+    """Revoke once; a second revoke returns the current record and changes nothing.  With the
+    record: whether this call revoked it, and the token's PID tag (its redeem answer changes)."""
     d.start_write(txn)
     row = txn.execute(
         d.sql(
             "UPDATE tokens SET revoked_at = ?, revoke_reason = ?, "
             f"abuse_score = coalesce(?, abuse_score), changed_seq = {d.next_token_change} "
-            f"WHERE token_tag = ? AND revoked_at IS NULL RETURNING {_TOKEN_COLUMNS}"
+            f"WHERE token_tag = ? AND revoked_at IS NULL RETURNING {_TOKEN_COLUMNS}, pid_tag"
         ),
         (now, reason, abuse_score, token_tag),
     ).fetchone()
     if row is not None:
-        return _token_record(row), True
-    record = token_status(txn, d, token_tag)
-    return None if record is None else (record, False)
+        return _token_record(row), True, bytes(row[-1])
+    row = txn.execute(
+        d.sql(f"SELECT {_TOKEN_COLUMNS}, pid_tag FROM tokens WHERE token_tag = ?"), (token_tag,)
+    ).fetchone()
+    return None if row is None else (_token_record(row), False, bytes(row[-1]))
 
 
 Identity = tuple[bytes, int, int]  # txid, subaddress major, minor

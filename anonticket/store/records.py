@@ -50,6 +50,7 @@ class Redeemed:
     balance: int
     first_claim: bool  # True for the claim that issued the token ("success")
     topped_up: bool = False  # this redeem added later payments to an existing token
+    token_status: str = "active"  # the token's status after it: active, revoked or suspended
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,16 @@ class NotFound:
 RedeemResult = Redeemed | Pending | BelowMinimum | NotFound
 
 
+def status_of(balance: int, revoked: bool, reversed_amount: int) -> str:
+    """``revoked``; ``suspended`` while a reversal has taken the balance to zero or below
+    (until the money is back, or a payment covers it); else ``active``."""
+    if revoked:
+        return "revoked"
+    if balance < 0 or (reversed_amount > 0 and balance <= 0):
+        return "suspended"
+    return "active"
+
+
 @dataclass(frozen=True, slots=True)
 class TokenRecord:
     balance: int
@@ -86,13 +97,7 @@ class TokenRecord:
 
     @property
     def status(self) -> str:
-        """``revoked``; ``suspended`` while a reversal has taken the balance to zero or below
-        (until the money is back, or a payment covers it); else ``active``."""
-        if self.revoked_at is not None:
-            return "revoked"
-        if self.balance < 0 or (self.reversed > 0 and self.balance <= 0):
-            return "suspended"
-        return "active"
+        return status_of(self.balance, self.revoked_at is not None, self.reversed)
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,11 +131,21 @@ class PublicAPI:
     def _redeem_response(self, request: IRequest, result: RedeemResult) -> bytes:
         outcomes = self._metrics.redeem_outcomes
         match result:
-            case Redeemed(token=token, balance=balance, first_claim=first):
+            case Redeemed(
+                token=token, balance=balance, first_claim=first, token_status=token_status
+            ):
                 status = "success" if first else "already_claimed"
                 outcomes.count(status)
+                # token_status: a payment to a revoked or suspended token is recorded, but the
+                # client must not take the token for a working one.
                 return respond(
-                    request, {"status": status, "service_token": token.hex, "balance": balance}
+                    request,
+                    {
+                        "status": status,
+                        "service_token": token.hex,
+                        "balance": balance,
+                        "token_status": token_status,
+                    },
                 )
             case Pending(height=height, wallet_height=wallet_height):
                 outcomes.count("pending")
