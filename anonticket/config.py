@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 from urllib.parse import urlsplit
 
+from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.python import usage
 
 from anonticket.store.answercache import DEFAULT_SIZE as DEFAULT_ANSWER_CACHE
@@ -253,6 +254,52 @@ def _endpoint_kind(name: str, description: str) -> str:
     return kind
 
 
+def _endpoint_parts(name: str, description: str) -> tuple[list[str], dict[str, str]]:
+    """The positional and keyword arguments of a Twisted endpoint string, read as Twisted reads
+    them (backslash escapes).  A repeated keyword is refused: Twisted takes the last value, so a
+    check that read another one (``interface=127.0.0.1:interface=0.0.0.0``) would be beaten."""
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(description)
+    for c in chars:
+        if c == "\\":
+            current.append(next(chars, ""))
+        elif c == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+    parts.append("".join(current))
+    positional: list[str] = []
+    keywords: dict[str, str] = {}
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if not sep:
+            positional.append(part)
+        elif key in keywords:
+            raise ConfigError(f"--{name}: {key}= is given more than once")
+        else:
+            keywords[key] = value
+    return positional, keywords
+
+
+def _twisted_parses(name: str, description: str, *, server: bool) -> None:
+    """Refuse at start-up, before the database or the monitor, what the endpoint parser would
+    refuse only at listen or connect time (``tcp:notaport``, ``mode=999``, unknown keys)."""
+    parse = serverFromString if server else clientFromString
+    try:
+        parse(None, description)
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise ConfigError(f"--{name}: bad endpoint {description!r}: {e}") from None
+
+
+def _owner_only(description: str) -> str:
+    """A unix socket is created owner-only (mode 600) unless the operator says otherwise:
+    Twisted's default is 666, whatever the umask."""
+    _, keywords = _endpoint_parts("", description)
+    return description if "mode" in keywords else description + ":mode=600"
+
+
 def check_public_endpoint(description: str) -> str:
     kind = _endpoint_kind("public", description)
     if kind == "onion":
@@ -267,7 +314,9 @@ def check_public_endpoint(description: str) -> str:
         raise ConfigError(
             f"--public: unsupported endpoint type {kind!r} (use onion:, tcp:, tcp6: or unix:)"
         )
-    return description
+    _endpoint_parts("public", description)
+    _twisted_parses("public", description, server=True)
+    return _owner_only(description) if kind == "unix" else description
 
 
 def onion_port(description: str) -> int | None:
@@ -311,15 +360,19 @@ def check_tor_control(description: str | None) -> str | None:
         return None
     kind = _endpoint_kind("tor-control", description)
     if kind == "unix":
+        _endpoint_parts("tor-control", description)
+        _twisted_parses("tor-control", description, server=False)
         return description
     if kind == "tcp":
-        host = description.split(":")[1] if description.count(":") >= 2 else ""
-        host = host.partition("=")[2] if "=" in host else host
+        positional, keywords = _endpoint_parts("tor-control", description)
+        host = keywords.get("host", positional[0] if positional else "")
         try:
-            if ipaddress.ip_address(host).is_loopback:
-                return description
+            loopback = ipaddress.ip_address(host).is_loopback
         except ValueError:
-            pass
+            loopback = False
+        if loopback:
+            _twisted_parses("tor-control", description, server=False)
+            return description
     raise ConfigError(
         "--tor-control: expected unix:/run/tor/control or tcp:127.0.0.1:9051 "
         "(a tor on this machine, cookie authentication)"
@@ -330,12 +383,15 @@ def check_internal_endpoint(description: str) -> str:
     """The internal site (metrics, revocation) must never be reachable from another host."""
     kind = _endpoint_kind("internal", description)
     if kind == "unix":
-        return description
+        _endpoint_parts("internal", description)
+        _twisted_parses("internal", description, server=True)
+        return _owner_only(description)
     if kind not in ("tcp", "tcp6"):
         raise ConfigError(
             f"--internal: must be a loopback tcp: endpoint or a unix: socket, got {kind!r}"
         )
-    interface = _endpoint_argument(description, "interface")
+    _, keywords = _endpoint_parts("internal", description)
+    interface = keywords.get("interface")
     if interface is None:
         raise ConfigError(
             "--internal: tcp endpoints listen on every interface unless given "
@@ -347,28 +403,8 @@ def check_internal_endpoint(description: str) -> str:
         loopback = False
     if not loopback:
         raise ConfigError(f"--internal: interface {interface!r} is not a loopback address")
+    _twisted_parses("internal", description, server=True)
     return description
-
-
-def _endpoint_argument(description: str, key: str) -> str | None:
-    """Read ``key=value`` from a Twisted endpoint string, honouring backslash escapes."""
-    parts: list[str] = []
-    current: list[str] = []
-    chars = iter(description)
-    for c in chars:
-        if c == "\\":
-            current.append(next(chars, ""))
-        elif c == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(c)
-    parts.append("".join(current))
-    for part in parts[1:]:
-        k, sep, value = part.partition("=")
-        if sep and k == key:
-            return value
-    return None
 
 
 class Options(usage.Options):

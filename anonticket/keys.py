@@ -110,6 +110,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_CHECK_PERSON: Final = b"anonticket-kchk"
+
+
 class Tagger:
     """Keyed BLAKE2b tags: equal inputs give equal tags, the key is needed to test a guess."""
 
@@ -123,6 +126,10 @@ class Tagger:
 
     def token_tag(self, token: bytes) -> bytes:
         return self._tag(token, _TOKEN_PERSON)
+
+    def key_check(self) -> bytes:
+        """What the database keeps to recognise this key (anonticket.store.keycheck)."""
+        return self._tag(b"anonticket secret.key check", _CHECK_PERSON)
 
     def _tag(self, data: bytes, person: bytes) -> bytes:
         # The same keyed BLAKE2b as libsodium's (pynacl's nacl.hash.blake2b; a test checks they

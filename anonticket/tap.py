@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from anonticket.config import Config, ConfigError, Options, from_options, onion_port
 from anonticket.keys import DataDirError
+from anonticket.limits import raise_fd_limit
 from anonticket.metrics import Metrics
 from anonticket.monitor import Monitor, MonitorService, WalletService
 from anonticket.onion import OnionService
@@ -116,6 +117,9 @@ def makeService(
     options: Mapping[str, object], reactor: Any = None, environ: Mapping[str, str] | None = None
 ) -> IService:
     """Called by twistd with the parsed Options.  Bad configuration exits with one line."""
+    # Everything the daemon and its tor create (the data directory and its parents, the
+    # database and its journal, keys, sockets) is owner-only, whatever umask it inherits.
+    os.umask(0o077)
     if reactor is None:
         from twisted.internet import reactor as global_reactor  # noqa: TID251 - entry point
 
@@ -124,6 +128,7 @@ def makeService(
         config = from_options(options, os.environ if environ is None else environ)
     except ConfigError as e:
         raise SystemExit(f"anonticket: {e}") from None
+    raise_fd_limit()  # each site's connection cap is fitted to it when the site listens
     service = build(config, reactor)
     reactor.callWhenRunning(freeze_startup_heap)
     return service

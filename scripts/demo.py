@@ -85,7 +85,7 @@ def main() -> int:
             str(height - 1),
         )
         print(
-            "$ twistd -n anonticket --public tcp:...:interface=127.0.0.1 "
+            "$ twistd -n --pidfile= anonticket --public tcp:...:interface=127.0.0.1 "
             "--internal tcp:...:interface=127.0.0.1 "
             f"--wallet-rpc {watch.url} --wallet-rpc-login {LOGIN[0]}:*** "
             f"--min-confirmations {N}"
@@ -141,7 +141,7 @@ def main() -> int:
             step("Running it against your own wallet")
             print(
                 "Start monero-wallet-rpc with a view-only wallet (docs/wallet.md), then:\n"
-                "  .venv/bin/twistd -n anonticket \\\n"
+                "  .venv/bin/twistd -n --pidfile= anonticket \\\n"
                 "      --wallet-rpc http://127.0.0.1:18083 --wallet-rpc-login USER:PASSWORD \\\n"
                 "      --public tcp:8080:interface=127.0.0.1 \\\n"
                 "      --internal tcp:9180:interface=127.0.0.1\n"

@@ -26,13 +26,18 @@ T = TypeVar("T")
 _PR_SET_PDEATHSIG = 1
 
 
-def dies_with_parent(user: pwd.struct_passwd | None = None) -> Callable[[], None]:
-    """A ``preexec_fn``: optionally drop to *user*, then die with the parent (thread)."""
+def dies_with_parent(
+    user: pwd.struct_passwd | None = None, umask: int | None = None
+) -> Callable[[], None]:
+    """A ``preexec_fn``: optionally drop to *user* and set *umask*, then die with the parent
+    (thread)."""
     # Resolved before fork: the child should do as little as possible between fork and exec.
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     parent = os.getpid()
 
     def preexec() -> None:
+        if umask is not None:
+            os.umask(umask)
         if user is not None:
             os.setgroups([])
             os.setgid(user.pw_gid)

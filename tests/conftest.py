@@ -104,8 +104,20 @@ def daemon_config(tmp_path: Path, **extra: str) -> Any:
 
 @pytest_twisted.async_yield_fixture
 async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+    async for d in _daemon(daemon_config(tmp_path), tmp_path):
+        yield d
+
+
+@pytest_twisted.async_yield_fixture
+async def any_daemon(database_url: str, tmp_path: Path) -> AsyncIterator[Daemon]:
+    """The in-process daemon on each backend (SQLite and PostgreSQL)."""
+    async for d in _daemon(daemon_config(tmp_path, database=database_url), tmp_path):
+        yield d
+
+
+async def _daemon(config: Any, tmp_path: Path) -> AsyncIterator[Daemon]:
     metrics = Metrics()
-    root = build(daemon_config(tmp_path), reactor, metrics)
+    root = build(config, reactor, metrics)
     root.startService()
     store_service = root.getServiceNamed("store")
     yield Daemon(

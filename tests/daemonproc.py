@@ -25,12 +25,22 @@ CLIENT = [str(Path(sys.executable).parent / "anonticket-client")]  # the console
 
 
 class Daemon:
-    def __init__(self, data_dir: Path, *args: str, public: str | None = None) -> None:
-        """``public``: the --public endpoint; default a free loopback TCP port."""
+    def __init__(
+        self,
+        data_dir: Path,
+        *args: str,
+        public: str | None = None,
+        internal: str | None = None,
+        umask: int | None = None,
+    ) -> None:
+        """``public``/``internal``: the endpoints; default free loopback TCP ports.  ``umask``:
+        the one the daemon inherits (default: the test's)."""
         self.data_dir = data_dir
         self.public_port = free_port()
         self.public = public or f"tcp:{self.public_port}:interface=127.0.0.1"
         self.internal_port = free_port()
+        self.internal = internal or f"tcp:{self.internal_port}:interface=127.0.0.1"
+        self.umask = umask
         self.args = list(args)
         self.log = data_dir.parent / f"{data_dir.name}.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -54,12 +64,15 @@ class Daemon:
             "--public",
             self.public,
             "--internal",
-            f"tcp:{self.internal_port}:interface=127.0.0.1",
+            self.internal,
             *self.args,
         ]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=dies_with_parent()
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=dies_with_parent(umask=self.umask),
             )
         if wait:
             self.wait_listening()

@@ -13,6 +13,8 @@ from anonticket.config import (
     ConfigError,
     Options,
     check_internal_endpoint,
+    check_public_endpoint,
+    check_tor_control,
     from_options,
     onion_port,
 )
@@ -60,7 +62,7 @@ def test_every_option_reads_its_environment_variable_and_the_command_line_wins()
     assert config.wallet_rpc == "http://127.0.0.1:28083"
     assert config.wallet_rpc_login == ("monitor", "s3cret")
     assert config.tor_control == "unix:/run/tor/control"
-    assert config.internal == "unix:/run/anonticket/internal.sock"
+    assert config.internal == "unix:/run/anonticket/internal.sock:mode=600"  # owner-only
     assert config.public == "tcp:9999:interface=127.0.0.1"
     assert config.monitor is False
     config = parse(["--min-confirmations", "3", "--data-dir", "/x"], env)
@@ -148,7 +150,43 @@ def test_remote_or_odd_tor_control_endpoints_are_refused(control):
     ],
 )
 def test_loopback_and_unix_internal_endpoints_are_accepted(endpoint):
-    assert check_internal_endpoint(endpoint) == endpoint
+    accepted = check_internal_endpoint(endpoint)
+    # A unix socket is owner-only unless a mode is given (Twisted's default is 666).
+    assert accepted == (
+        endpoint + ":mode=600" if endpoint == "unix:/run/anonticket/internal.sock" else endpoint
+    )
+
+
+@pytest.mark.parametrize(
+    ("option", "endpoint", "message"),
+    [
+        ("internal", "tcp:9180:interface=127.0.0.1:interface=0.0.0.0", "more than once"),
+        ("internal", "tcp:9180:interface=0.0.0.0:interface=127.0.0.1", "more than once"),
+        ("internal", "tcp:notaport:interface=127.0.0.1", "bad endpoint"),
+        ("internal", "unix:/tmp/x.sock:mode=999", "bad endpoint"),
+        ("public", "tcp:notaport", "bad endpoint"),
+        ("public", "tcp:80:interface=127.0.0.1:interface=0.0.0.0", "more than once"),
+        ("public", "tcp:80:bogus=1", "bad endpoint"),
+        ("tor-control", "tcp:host=127.0.0.1:port=9051:host=10.0.0.1", "more than once"),
+        ("tor-control", "tcp:host=10.0.0.1:port=9051", "a tor on this machine"),
+        ("tor-control", "tcp:127.0.0.1:notaport", "bad endpoint"),
+    ],
+)
+def test_endpoints_are_read_as_twisted_reads_them(option, endpoint, message):
+    check = {
+        "internal": check_internal_endpoint,
+        "public": check_public_endpoint,
+        "tor-control": check_tor_control,
+    }[option]
+    with pytest.raises(ConfigError, match=f"--{option}: .*{message}"):
+        check(endpoint)
+
+
+def test_keyword_forms_and_socket_modes():
+    assert check_tor_control("tcp:port=9051:host=127.0.0.1") == "tcp:port=9051:host=127.0.0.1"
+    assert check_tor_control("tcp:host=\\:\\:1:port=9051")
+    assert check_public_endpoint("unix:/tmp/p.sock") == "unix:/tmp/p.sock:mode=600"
+    assert check_public_endpoint("unix:/tmp/p.sock:mode=660") == "unix:/tmp/p.sock:mode=660"
 
 
 @pytest.mark.parametrize(
@@ -175,4 +213,5 @@ def test_internal_check_never_raises_anything_but_config_error(text):
     except ConfigError as e:
         assert str(e).startswith("--internal: ")
     else:
-        assert accepted == text and text.split(":", 1)[0].lower() in {"unix", "tcp", "tcp6"}
+        assert accepted in (text, text + ":mode=600")
+        assert text.split(":", 1)[0].lower() in {"unix", "tcp", "tcp6"}

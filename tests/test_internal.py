@@ -78,6 +78,23 @@ async def test_revoke_unknown_and_malformed_tokens(daemon, http):
     assert (code, body["code"]) == (400, "invalid_token")
 
 
+@pytest.mark.parametrize(
+    "reason", ["\ud800 lone surrogate", "a\x00nul", "bell\x07", "esc\x1b[31m", "c1\x85"]
+)
+@pytest_twisted.ensureDeferred
+async def test_a_reason_the_database_cannot_store_is_a_400_on_both_backends(
+    any_daemon, http, reason
+):
+    daemon = any_daemon
+    token = await issue_token(daemon, http)
+    url = f"{daemon.internal_url}/api/v1/token/{token}/revoke"
+    code, body, _ = await post_json(http, url, {"reason": reason})
+    assert (code, body["code"]) == (400, "invalid_request")
+    # Nothing was stored; a plain reason (tab and newline are fine) still works.
+    code, body, _ = await post_json(http, url, {"reason": "abuse\tseen\ntwice"})
+    assert code == 200 and body["revoke_reason"] == "abuse\tseen\ntwice"
+
+
 @pytest_twisted.ensureDeferred
 async def test_revoke_needs_post(daemon, http):
     response = await http.get(f"{daemon.internal_url}/api/v1/token/{'cd' * 32}/revoke", timeout=10)

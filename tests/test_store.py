@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
 import stat
@@ -14,6 +15,7 @@ import pytest_twisted
 from twisted.internet.defer import gatherResults
 
 from anonticket.domain import PaymentId, derive_service_token
+from anonticket.keys import DataDirError
 from anonticket.store import DatabaseError, Store, migrate
 from anonticket.store.dialect import SQLiteDialect, dialect_for
 from anonticket.store.records import (
@@ -598,3 +600,48 @@ def test_tags_are_libsodium_keyed_blake2b():
         )
         assert tagger.pid_tag(data) == expected
     assert tagger.pid_tag(PID.raw) != tagger.token_tag(PID.raw)  # domain separation
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_restored_without_its_key_refuses_to_start(database_url, tmp_path):
+    first = Store(reactor, database_url, tmp_path)
+    first.open()
+    await first.record_transfers([transfer(PID.raw, 1)], now=1)
+    first.close()
+    key = tmp_path / "secret.key"
+    original = key.read_bytes()
+    # Restored without secret.key: refused, and no new key is made for it.
+    key.unlink()
+    with pytest.raises(DataDirError, match=r"secret\.key is missing but the database holds"):
+        Store(reactor, database_url, tmp_path).open()
+    assert not key.exists()
+    # Restored with another key: refused.
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, b"\x01" * 32)
+    os.close(fd)
+    with pytest.raises(DataDirError, match="not the key this database was written with"):
+        Store(reactor, database_url, tmp_path).open()
+    # With its own key it opens and knows the payment.
+    key.write_bytes(original)
+    again = Store(reactor, database_url, tmp_path)
+    again.open()
+    try:
+        assert (await again.redeem(PID, 2)).first_claim
+    finally:
+        again.close()
+
+
+def test_a_database_from_before_the_key_check_gets_one(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    s = Store(reactor, url, tmp_path)
+    s.open()
+    s.close()
+    conn = sqlite3.connect(tmp_path / "db.sqlite3")
+    conn.execute("DELETE FROM store_meta")
+    conn.commit()
+    conn.close()
+    s = Store(reactor, url, tmp_path)
+    s.open()  # the existing key is trusted once, and its check stored
+    s.close()
+    conn = sqlite3.connect(tmp_path / "db.sqlite3")
+    assert conn.execute("SELECT count(*) FROM store_meta").fetchone()[0] == 1

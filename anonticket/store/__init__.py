@@ -18,12 +18,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from anonticket.domain import PaymentId, ServiceToken, derive_service_token
-from anonticket.keys import Tagger, load_or_create_secret_key, prepare_data_dir
+from anonticket.keys import Tagger, prepare_data_dir
 from anonticket.store import queries
 from anonticket.store.answercache import DEFAULT_SIZE, AnswerCache
 from anonticket.store.batch import Batcher
 from anonticket.store.changes import NumberedRows
 from anonticket.store.dialect import DatabaseError, Dialect, dialect_for
+from anonticket.store.keycheck import open_key
 from anonticket.store.known import KnownTags
 from anonticket.store.records import (
     MonitorState,
@@ -91,10 +92,10 @@ class Store:
         """
         self._dialect.check_driver()
         prepare_data_dir(self._data_dir)
-        self._tagger = Tagger(load_or_create_secret_key(self._data_dir))
         migrate(self._dialect)
         conn = self._dialect.connect()
         try:
+            self._tagger = open_key(self._dialect, conn, self._data_dir)
             self._known, known_upto = queries.load_known(conn, self._dialect)
             self._payments = NumberedRows(known_upto)
             self._token_changes = NumberedRows(queries.last_token_change(conn, self._dialect))

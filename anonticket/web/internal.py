@@ -54,13 +54,27 @@ def internal_token_view(record: TokenRecord) -> dict[str, Any]:
     return view
 
 
+def _storable_text(text: str) -> bool:
+    """Text both databases store as it is: encodable as UTF-8 (no lone surrogate, which JSON's
+    \\ud800 escapes can carry) and without control characters other than tab and newline
+    (PostgreSQL refuses NUL; the others have no business in a reason)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return not any((ord(c) < 0x20 and c not in "\t\n") or 0x7F <= ord(c) < 0xA0 for c in text)
+
+
 def _revoke_arguments(body: dict[str, Any]) -> tuple[str | None, int | None]:
     reason = body.get("reason")
-    if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON_LENGTH):
+    if reason is not None and (
+        not isinstance(reason, str) or len(reason) > MAX_REASON_LENGTH or not _storable_text(reason)
+    ):
         raise ApiError(
             400,
             "invalid_request",
-            f"reason must be a string of at most {MAX_REASON_LENGTH} characters, or null",
+            f"reason must be a string of at most {MAX_REASON_LENGTH} characters without "
+            "control characters, or null",
         )
     score = body.get("abuse_score")
     if score is not None and (
