@@ -146,8 +146,7 @@ def make_agent(reactor: Any, args: argparse.Namespace) -> IAgent:
     """The one place that decides how the server is reached: through Tor, or directly."""
     if args.socks:
         return TorAgent(reactor, args.socks)
-    host = (urlsplit(args.url).hostname or "").rstrip(".")
-    if host.endswith(".onion"):
+    if onion_host(args.url):
         raise ClientError(ONION_NEEDS_SOCKS)
     # Agent's default pool is not persistent: nothing lingers after the one exchange.
     return Agent(reactor, connectTimeout=args.timeout)
@@ -403,6 +402,9 @@ def _seconds(text: str) -> float:
 
 
 def _base_url(text: str) -> str:
+    """The URL with its host in the ASCII form a resolver would see (IDNA): the .onion check in
+    :func:`make_agent` and the request then look at the same name, so no Unicode dot (U+FF0E,
+    U+3002, U+FF61) can hide a .onion from the check and send a PID over plain TCP."""
     url = text.strip()
     try:
         parts = urlsplit(url)
@@ -413,7 +415,27 @@ def _base_url(text: str) -> str:
         raise argparse.ArgumentTypeError("must be an http:// or https:// URL, e.g. http://x.onion")
     if parts.query or parts.fragment:
         raise argparse.ArgumentTypeError("must be a base URL without ?query or #fragment")
-    return url.rstrip("/")
+    if parts.username is not None or parts.password is not None:
+        raise argparse.ArgumentTypeError("must be a URL without user:password@")
+    host = parts.hostname
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise argparse.ArgumentTypeError("the URL's host name is not valid") from None
+    if not host.isprintable() or any(c in host for c in "/\\@ "):
+        raise argparse.ArgumentTypeError("the URL's host name is not valid")
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return parts._replace(netloc=netloc).geturl().rstrip("/")
+
+
+def onion_host(url: str) -> bool:
+    """Whether the (already normalised) URL names a .onion, in any case, with or without the
+    root's trailing dot."""
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    return host == "onion" or host.endswith(".onion")
 
 
 def build_parser() -> argparse.ArgumentParser:

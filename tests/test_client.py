@@ -301,7 +301,18 @@ async def test_unreachable_server_is_one_line_exit_1():
         one_error_line(err, f"cannot reach {url}: ")
 
 
-@pytest.mark.parametrize("url", ["http://abcdefghij234567.onion", "http://X.ONION./base"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://abcdefghij234567.onion",
+        "http://X.ONION./base",
+        # Dots a resolver reads as ".": the check must see the name as it will be used.
+        "http://abcdefghij234567\uff0eonion",
+        "http://abcdefghij234567\u3002onion:80/",
+        "http://abcdefghij234567\uff61ONION",
+        "http://abcdefghij234567\uff0eonion\u3002",
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_onion_url_needs_socks(url):
     for argv in (["redeem", PID], ["status", "ab" * 32]):
@@ -563,6 +574,15 @@ async def test_socks_hands_the_onion_name_to_tor_unresolved(fake_tor, monkeypatc
     code, out, err = await cli("status", "ab" * 32, "--json", "--url", "http://example.org:8080")
     assert (code, err) == (0, "") and json.loads(out)["status"] == "active"
     assert tor.requests == [(1, 3, "example.org", 8080)]  # every request, not only .onion
+
+
+@pytest_twisted.ensureDeferred
+async def test_socks_gets_the_ascii_name_of_a_unicode_dotted_onion(fake_tor):
+    tor = fake_tor(Hostile("fixed", 200, REDEEMED))
+    url = "http://" + ONION.replace(".onion", "\uff0eonion")
+    code, _, err = await cli("redeem", PID, "--url", url, "--socks", tor.endpoint)
+    assert (code, err) == (0, "")
+    assert tor.requests == [(1, 3, ONION, 80)]
 
 
 @pytest_twisted.ensureDeferred
