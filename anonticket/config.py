@@ -83,6 +83,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         str(DEFAULT_ANSWER_CACHE),
         "repeated token checks and redeems answered from memory (entries; 0: ask the database)",
     ),
+    Setting(
+        "admission-limit",
+        "100",
+        "database operations waiting at which the public site answers 503 overloaded at once "
+        "(0: never)",
+    ),
     Setting("no-monitor", None, "serve without polling the wallet (a second API node)", True),
 )
 
@@ -143,6 +149,7 @@ class Config:
     poll_interval: float
     monitor: bool
     answer_cache: int
+    admission_limit: int = 100
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -241,6 +248,9 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         poll_interval=parse("poll-interval", _poll_interval),
         monitor=not v["no-monitor"],
         answer_cache=parse("answer-cache", lambda x: _int("answer-cache", x, 0, 10_000_000)),
+        admission_limit=parse(
+            "admission-limit", lambda x: _int("admission-limit", x, 0, 1_000_000)
+        ),
     )
     if errors:
         raise ConfigError("; ".join(errors))

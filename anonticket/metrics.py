@@ -27,9 +27,18 @@ REDEEM_OUTCOMES = (
     "below_minimum",
     "not_found",
     "invalid",
+    "overloaded",
     "error",
 )
-LOOKUP_OUTCOMES = ("active", "revoked", "suspended", "not_found", "invalid", "error")
+LOOKUP_OUTCOMES = (
+    "active",
+    "revoked",
+    "suspended",
+    "not_found",
+    "invalid",
+    "overloaded",
+    "error",
+)
 REVOKE_OUTCOMES = ("revoked", "already_revoked", "not_found", "invalid", "error")
 
 
@@ -58,7 +67,7 @@ class Metrics:
         self.redeems = Counter(
             "anonticket_redeem_requests",
             "Redeem requests by outcome: success, already_claimed, pending, below_minimum, "
-            "not_found, invalid, error.",
+            "not_found, invalid, overloaded, error.",
             ["outcome"],
             registry=r,
         )
@@ -71,7 +80,7 @@ class Metrics:
         self.token_lookups = Counter(
             "anonticket_token_lookups",
             "Token status lookups by outcome: active, revoked, suspended, not_found, invalid, "
-            "error.",
+            "overloaded, error.",
             ["outcome"],
             registry=r,
         )

@@ -63,7 +63,9 @@ def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> Anont
     """Assemble the daemon from a Config (used by makeService, the .tac file and tests)."""
     metrics = metrics if metrics is not None else Metrics()
     root = AnonticketService()
-    store = Store(reactor, config.database, config.data_dir, config.answer_cache)
+    store = Store(
+        reactor, config.database, config.data_dir, config.answer_cache, config.admission_limit
+    )
     StoreService(store, reactor).setServiceParent(root)
     # Read when scraped: sizes, not per-request counts (a counter per hit would cost every hit).
     metrics.answer_cache_entries.labels("token").set_function(lambda: len(store.token_answers))

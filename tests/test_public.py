@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import deferLater
 
 from anonticket.domain import PID_ALL_ZERO, PID_LEGACY
 from anonticket.store.records import PaymentStatus
@@ -339,3 +342,59 @@ async def test_many_404s_do_not_grow_memory(daemon, http):
         tracemalloc.stop()
     grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     assert grown < 1_000_000, f"{grown} bytes kept after 400 answers"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_surge_is_refused_at_admission_while_memory_answers_go_on(tmp_path, http):
+    """With --admission-limit 3 and the database held (a lock another process keeps), the 4th
+    request that needs the database is answered 503 overloaded at once; answers from memory
+    (an unknown PID, a settled one) are never refused; the admitted ones finish when the
+    database is back."""
+    from anonticket.metrics import Metrics
+    from anonticket.tap import build
+
+    from .conftest import _url, daemon_config
+
+    metrics = Metrics()
+    root = build(daemon_config(tmp_path, **{"admission-limit": "3"}), reactor, metrics)
+    root.startService()
+    try:
+        store = root.getServiceNamed("store").store
+        url = _url(root.getServiceNamed("public-site")) + "/api/v1/redeem"
+        settled, waiting = "00000000000000aa", [f"00000000000000{i:02x}" for i in range(1, 7)]
+        await store.record_transfers(
+            [transfer(settled, 99)] + [transfer(p, i) for i, p in enumerate(waiting, 1)], now=1
+        )
+        assert (await post_json(http, url, {"pid": settled}))[0] == 200
+        assert (await post_json(http, url, {"pid": settled}))[0] == 200  # now from memory
+        lock = sqlite3.connect(tmp_path / "anonticket.sqlite3", isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # every write now waits (busy_timeout 5 s)
+        try:
+            held = [ensureDeferred(post_json(http, url, {"pid": p})) for p in waiting[:3]]
+            for _ in range(500):
+                if store._batcher.waiting >= 3:
+                    break
+                await deferLater(reactor, 0.01, lambda: None)
+            assert store._batcher.waiting == 3
+            started = reactor.seconds()
+            code, body, headers = await post_json(http, url, {"pid": waiting[3]})
+            assert (code, body["code"]) == (503, "overloaded")
+            assert headers.getRawHeaders("retry-after") == ["1"]
+            token = "ab" * 32
+            code, body, _ = await get_json(http, url.replace("redeem", f"token/{token}"))
+            assert (code, body["code"]) == (503, "overloaded")
+            assert reactor.seconds() - started < 1.0  # answered at once, not after the lock
+            # From memory: never refused.
+            assert (await post_json(http, url, {"pid": settled}))[0] == 200
+            assert (await post_json(http, url, {"pid": "0123456789abcdef"}))[0] == 404
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        for outcome in held:
+            code, body, _ = await outcome
+            assert (code, body["status"]) == (200, "success")
+        count = metrics.registry.get_sample_value
+        assert count("anonticket_redeem_requests_total", {"outcome": "overloaded"}) == 1
+        assert count("anonticket_token_lookups_total", {"outcome": "overloaded"}) == 1
+    finally:
+        await root.stopService()

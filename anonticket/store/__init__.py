@@ -56,6 +56,7 @@ class Store:
         database: str,
         data_dir: Path,
         answer_cache: int = DEFAULT_SIZE,
+        admission_limit: int = 0,
     ) -> None:
         self._reactor = reactor
         self._clock = cast(IReactorTime, reactor)  # the reactor is both
@@ -78,6 +79,9 @@ class Store:
         # negative cache never hides a payment that has just been seen.
         self.payment_listeners: list[Callable[[PaymentId], None]] = []
         self._redeem_streams: dict[str, float] = {}  # see _redeem_synced
+        # Surge admission: with this many operations waiting on the database, a public request
+        # that needs it is refused at once (0: never).  See overloaded().
+        self.admission_limit = admission_limit
 
     @property
     def tagger(self) -> Tagger:
@@ -137,12 +141,25 @@ class Store:
         d: Deferred[T] = self._batcher.submit(fn, *args)
         return d
 
+    def overloaded(self) -> bool:
+        """True while at least ``admission_limit`` operations wait on the database: a public
+        request that would join them is better answered 503 at once than after all of them
+        (every waiting request's latency grows with the queue).  Answers from memory never
+        ask this."""
+        batcher = self._batcher
+        limit = self.admission_limit
+        return limit > 0 and batcher is not None and batcher.waiting >= limit
+
     def redeem(self, pid: PaymentId, now: int) -> Deferred[RedeemResult]:
         answer = self.redeem_answer(pid, now)
+        assert answer is not None  # only refused with admit=True
         return answer if isinstance(answer, Deferred) else succeed(answer)
 
-    def redeem_answer(self, pid: PaymentId, now: int) -> RedeemResult | Deferred[RedeemResult]:
-        """The redeem's answer now, when memory has it; else a Deferred of the database's."""
+    def redeem_answer(
+        self, pid: PaymentId, now: int, *, admit: bool = False
+    ) -> RedeemResult | Deferred[RedeemResult] | None:
+        """The redeem's answer now, when memory has it; else a Deferred of the database's; or,
+        with ``admit``, None when the database is :meth:`overloaded`."""
         pid_tag = self.tagger.pid_tag(pid.raw)
         if self._known is not None and pid_tag not in self._known:
             # No payment was ever recorded for this PID: no need to ask the database.
@@ -154,6 +171,8 @@ class Store:
             token = derive_service_token(pid, settled[:32].hex())
             balance = int.from_bytes(settled[33:], "big", signed=True)
             return Redeemed(token, balance, False, token_status=_STATUSES[settled[32]])
+        if admit and self.overloaded():
+            return None
         ticket = self.redeem_answers.ticket()
         d = self._run(queries.redeem, self.tagger, pid, pid_tag, now)
 

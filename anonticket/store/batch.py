@@ -88,6 +88,7 @@ class Batcher:
         self._trips = trips  # trips in flight at once: one per pooled connection
         self._queue: list[Op] = []
         self._in_flight = 0
+        self.waiting = 0  # operations submitted and not answered yet (queued or on a trip)
         self._scheduled = False
         self._closed: Exception | None = None
 
@@ -95,6 +96,7 @@ class Batcher:
         """Fail what has not left yet; trips in flight finish (the pool joins its threads)."""
         self._closed = reason
         queue, self._queue = self._queue, []
+        self.waiting -= len(queue)
         for _, _, d in queue:
             if not d.called:
                 d.errback(reason)
@@ -105,6 +107,7 @@ class Batcher:
             d.errback(self._closed)
             return d
         self._queue.append((fn, args, d))
+        self.waiting += 1
         self._kick()
         return d
 
@@ -126,6 +129,7 @@ class Batcher:
 
         def deliver(results: list[Any] | Failure) -> None:
             self._in_flight -= 1
+            self.waiting -= len(ops)
             for i, (_, _, d) in enumerate(ops):
                 if d.called:  # cancelled meanwhile (the client went away)
                     continue

@@ -57,6 +57,16 @@ def below_minimum() -> ApiError:
     )
 
 
+def overloaded(request: IRequest, outcomes: Outcomes) -> bytes:
+    """Refused at admission: answered at once, so the requests already waiting keep their
+    latency, and the client is told when to come back."""
+    outcomes.count("overloaded")
+    request.setHeader(b"retry-after", b"1")
+    return respond_error(
+        request, ApiError(503, "overloaded", "too many requests at once; retry in a second")
+    )
+
+
 def rfc3339(timestamp: int | None) -> str | None:
     if timestamp is None:
         return None
@@ -105,7 +115,9 @@ class PublicAPI:
         if pid in self._unknown:
             self._metrics.negative_cache_hits.inc()
             return self._redeem_response(request, NotFound())
-        answer = self._store.redeem_answer(pid, self._now())
+        answer = self._store.redeem_answer(pid, self._now(), admit=True)
+        if answer is None:
+            return overloaded(request, self._metrics.redeem_outcomes)
         if isinstance(answer, Deferred):
             # Callbacks, not a coroutine: on this path for every first claim.
             return store_answer(self._metrics, "redeem", answer).addCallbacks(
@@ -187,6 +199,8 @@ class PublicAPI:
             status, body = cached
             self._metrics.lookup_outcomes.count(status)
             return respond_body(request, body)
+        if self._store.overloaded():
+            return overloaded(request, self._metrics.lookup_outcomes)
         ticket = self._store.token_answers.ticket()
         looked_up = self._store.token_status(parsed, tag=tag)
         return store_answer(self._metrics, "token_status", looked_up).addCallbacks(
