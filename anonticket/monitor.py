@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -51,6 +51,10 @@ MAX_SPAN: Final = 1000
 CATCHUP_SPANS: Final = 20
 # Entries classified per reactor turn (each takes a few microseconds).
 CLASSIFY_SLICE: Final = 1000
+# The sweep aims at about this many entries a poll: its span (at most MAX_SPAN blocks) halves
+# after a fuller read and doubles after an emptier one, so a wallet with a million transfers
+# costs a few milliseconds a poll, not a full span of them.
+SWEEP_ENTRIES: Final = 1000
 BACKOFF_CAP: Final = 300.0
 STOP_GRACE: Final = 5.0
 _SKIP_MEMORY: Final = 10_000
@@ -202,7 +206,10 @@ class Monitor:
         min_amount: int,
         start_height: int,
         poll_interval: float,
+        turn: Callable[[], Deferred[None]] | None = None,
     ) -> None:
+        """``turn`` gives the reactor a turn between slices of work (default: a call on
+        ``clock`` after 0 s; tests driving the poll schedule with a Clock pass the reactor's)."""
         self._store = store
         self._wallet = wallet
         self.metrics = metrics
@@ -214,6 +221,8 @@ class Monitor:
         self._last_success: float | None = None
         self._height_note: str | None = None
         self._trusted: int | None = None
+        self._sweep_span = MAX_SPAN
+        self._turn = turn or (lambda: deferLater(clock, 0, lambda: None))
         # Skipped entries are re-read on every poll of the window; count each once.
         self._skipped_seen: OrderedDict[tuple[str, Skip], None] = OrderedDict()
 
@@ -284,8 +293,12 @@ class Monitor:
         if lower >= window:
             sweep = min(max(sweep, self._floor), window)
             if sweep < window:
-                upper = min(window, sweep + MAX_SPAN)
+                upper = min(window, sweep + self._sweep_span)
                 entries = await self._read(sweep, upper, pool=False)
+                if len(entries) > SWEEP_ENTRIES:
+                    self._sweep_span = max(1, self._sweep_span // 2)
+                elif len(entries) < SWEEP_ENTRIES // 4:
+                    self._sweep_span = min(MAX_SPAN, self._sweep_span * 2)
                 # Round again from the start once the window is reached.
                 await self._record(entries, heights, sweep=upper if upper < window else self._floor)
         self._last_success = self._clock.seconds()
@@ -364,7 +377,7 @@ class Monitor:
             if start:
                 # Let the sites answer between slices: a long answer is classified in turns of
                 # a few milliseconds, never in one block of the reactor.
-                await deferLater(self._clock, 0, lambda: None)
+                await self._turn()
             for entry in entries[start : start + CLASSIFY_SLICE]:
                 outcome = classify(entry, height, self._n, self._min_amount, reported=reported)
                 if isinstance(outcome, Transfer):

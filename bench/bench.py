@@ -440,6 +440,60 @@ def http_bench(args: argparse.Namespace, tmp: Path) -> list[Row]:
     return rows
 
 
+# --- surge admission ------------------------------------------------------------------------
+
+
+@dataclass
+class SurgeRow:
+    connections: int
+    limit: int  # --admission-limit (0: off)
+    run: Run
+
+    @property
+    def refused(self) -> int:
+        return self.run.statuses.get("503/overloaded", 0)
+
+    @property
+    def admitted(self) -> int:
+        return self.run.statuses.get("200/success", 0)
+
+
+def surge_bench(args: argparse.Namespace, tmp: Path) -> list[SurgeRow]:
+    """First claims (every one a database write) at the sustainable load (the highest
+    --connections) and at 10 times it, with admission control at its default and off."""
+    sustainable = max(args.connections)
+    plan = [(sustainable, 100), (10 * sustainable, 100), (10 * sustainable, 0)]
+    seconds = (args.warmup + args.duration) * len(plan)
+    listed = min(args.payments, MAX_CLAIMS_PER_SECOND * seconds)
+    seeded = Seeded.make(tmp, "surge", args.payments, args.claimed, listed)
+    log = tmp / "surge-wrk.log"
+    rows = []
+    for conns, limit in plan:
+        say(f"surge: success @ {conns} connections, --admission-limit {limit} ...")
+        daemon = Daemon(seeded.data, "--no-monitor", "--admission-limit", str(limit))
+        with running(daemon):
+            rows.append(
+                SurgeRow(conns, limit, measure(args, daemon, "success", conns, seeded, log))
+            )
+    return rows
+
+
+def report_surge(rows: list[SurgeRow]) -> str:
+    header = ["conns", "admission", "req/s", "admitted/s", "refused %", "p50 ms", "p99 ms"]
+    header += ["other errors"]
+    body = []
+    for r in rows:
+        other = r.run.errors({"200/success", "503/overloaded"})
+        total = max(1, sum(r.run.statuses.values()))
+        seconds = r.run.sent / r.run.rps if r.run.rps else 1.0
+        body.append([
+            str(r.connections), str(r.limit) if r.limit else "off", fmt(r.run.rps, ",.0f"),
+            fmt(r.admitted / seconds, ",.0f"), fmt(100 * r.refused / total, ".1f"),
+            fmt(r.run.p50_ms), fmt(r.run.p99_ms), str(other),
+        ])  # fmt: skip
+    return table(header, body)
+
+
 # --- monitor ingest -------------------------------------------------------------------------
 
 
@@ -625,6 +679,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--monitor", action="store_true", help="also run the monitor ingest benchmark")
     add("--monitor-transfers", type=int, help="default 100,000")
     add("--monitor-heights", type=int, help="blocks they are spread over (default 10,000)")
+    add("--surge", action="store_true", help="also run the surge admission benchmark (first "
+        "claims at the highest --connections and at 10 times it)")  # fmt: skip
     add("--scale", action="store_true", help="also run the storage scale benchmark")
     add("--scale-payments", type=int, help="default 1,000,000")
     add("--keep", action="store_true", help="keep the temporary directory (logs, databases)")
@@ -665,6 +721,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"warm-up, then {args.duration} s measured; baseline = bench/baseline.py\n\n"
                 + report_http(rows)
             )
+        if args.surge:
+            sections.append("surge admission\n\n" + report_surge(surge_bench(args, tmp)))
         if args.monitor:
             sections.append("monitor ingest\n\n" + report_ingest(monitor_bench(args, tmp)))
         if args.scale:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from twisted.internet.task import Clock
+from twisted.internet import reactor
+from twisted.internet.task import Clock, deferLater
 
 from anonticket.metrics import Metrics
 from anonticket.monitor import BACKOFF_CAP, Monitor, MonitorService
@@ -89,6 +90,8 @@ class Harness:
             min_amount=10**10,
             start_height=kw.pop("start_height", 0),
             poll_interval=5,
+            # The poll schedule runs on the Clock; turns between slices of work on the reactor.
+            turn=lambda: deferLater(reactor, 0, lambda: None),
         )
         self.service = MonitorService(self.monitor, self.clock, random.Random(1))
         self.store = store

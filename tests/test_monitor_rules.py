@@ -242,3 +242,16 @@ async def test_one_block_over_the_entry_limit_fails_the_poll_clearly(store, fake
     assert h.polls("too_large") == 1 and h.polls("ok") == 0
     assert (await store.monitor_state()).cursor is None  # nothing skipped past
     h.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sweep_reads_about_the_same_number_of_entries_a_poll(store, fake):
+    """Dense history (3 transfers a block): the sweep's span shrinks until a poll reads about
+    SWEEP_ENTRIES of them, so a wallet with a million transfers costs little a poll."""
+    dense = [pay(A, i, 1 + i // 3) for i in range(3 * 4000)]
+    h = await started(store, fake, Chain(5000, dense))
+    for _ in range(2):
+        await h.tick()
+    sweeps = [(lo, hi) for lo, hi, pool in transfers_asked(fake) if not pool][-3:]
+    assert sweeps == [(0, 1000), (1000, 1500), (1500, 1750)]  # 3,000, 1,500, then 750 entries
+    h.service.stopService()
