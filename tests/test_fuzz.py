@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,6 +21,10 @@ from twisted.internet import defer
 from .conftest import get_json, reactor
 from .daemonproc import Daemon
 from .rawhttp import parse_response, raw_request
+from .test_hardening import raw_unix_request, server_lines, short_dir, start_sites
+
+# Fixtures shared with test_hardening (imported names are collected as fixtures here).
+__all__ = ["short_dir", "start_sites"]
 
 KNOWN = [
     "/api/v1/redeem",
@@ -198,3 +204,145 @@ def test_huge_bodies_and_slow_clients_keep_memory_bounded(tmp_path):
     finally:
         daemon.stop()
     assert "Traceback" not in daemon.log_text()
+
+
+# -- Host values (issue #11 item 3) ----------------------------------------------------------
+# Werkzeug IDNA-encodes the Host name while Klein binds its URL map, outside any route's error
+# handling: these made a 500 HTML page and a critical traceback each (1.7 MB of log for 2,000).
+
+FULLWIDTH_DOT = "\uff0e"  # IDNA maps it (and the two below) to "." -> an empty label
+IDEOGRAPHIC_DOT = "\u3002"
+HALFWIDTH_DOT = "\uff61"
+HOSTILE_HOSTS: list[bytes | None] = [
+    None,  # no Host at all (on a unix socket Twisted then had no address to fall back on)
+    b"",
+    b"..",
+    b".a",
+    b"a..b",
+    b"a" * 64,
+    b"a" * 64 + b".onion",
+    (b"x" * 63 + b".") * 4 + b"x",  # 257 characters
+    FULLWIDTH_DOT.encode(),
+    f"a{FULLWIDTH_DOT}b".encode(),
+    f"x{IDEOGRAPHIC_DOT}{HALFWIDTH_DOT}y".encode(),
+    "b\u00fccher.example".encode(),
+    "\u00df.example".encode(),
+    "a\u200bb".encode(),  # zero-width space
+    b"\xff\xfe",
+    b"\x80",
+    b"xn--",
+    b"xn--zz",
+    b"-a-.example",
+    b"[::1",
+    b"[zz]",
+    b"[::1]:99999",
+    b"a:b:c",
+    b":80",
+    b"host:",
+    b"host:-1",
+    b"a b",
+    b"\x00",
+    b"x" * 4000,
+]
+
+
+def _host_request(path: str, host: bytes | None) -> bytes:
+    lines = [b"GET " + path.encode() + b" HTTP/1.1"]
+    if host is not None:
+        lines.append(b"Host: " + host)
+    lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+SITE_PATHS = {"public": "/api/v1/token/" + "ab" * 32, "internal": "/healthz"}
+
+
+@pytest_twisted.async_yield_fixture
+async def both_transports(short_dir: str, start_sites: Any) -> AsyncIterator[Any]:
+    """A daemon on loopback TCP and one on unix sockets; ``ask(transport, site, raw)``."""
+    tcp = start_sites()
+    start_sites(public=f"unix:{short_dir}/public.sock", internal=f"unix:{short_dir}/internal.sock")
+
+    async def ask(transport: str, site: str, request: bytes) -> bytes:
+        if transport == "tcp":
+            return await raw_request(reactor, tcp.port(site), request, timeout=10)
+        return await raw_unix_request(f"{short_dir}/{site}.sock", request)
+
+    yield ask
+
+
+def _bounded(events: list[str]) -> None:
+    lines = server_lines(events)
+    text = "\n".join(lines)
+    assert "Traceback" not in text and '"critical"' not in text, text[:2000]
+    assert len(text) < 4000, text[:2000]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+@pytest_twisted.ensureDeferred
+async def test_hostile_host_values_get_json_answers_and_write_no_log(
+    both_transports: Any, caplog_events: list[str], transport: str
+) -> None:
+    caplog_events.clear()
+    for _ in range(5):  # a flood: the log must not grow with it
+        for site, path in SITE_PATHS.items():
+            for host in HOSTILE_HOSTS:
+                raw = await both_transports(transport, site, _host_request(path, host))
+                code = check_answer(raw, "GET")
+                assert code != 200 or site == "public" or transport == "unix", (site, host)
+                if site == "internal" and code == 403:
+                    assert json.loads(parse_response(raw)[2])["code"] == "forbidden_host"
+    # On a unix socket a request without Host is a local tool's: served.
+    raw = await both_transports(transport, "internal", _host_request("/healthz", None))
+    assert parse_response(raw)[0] == (200 if transport == "unix" else 403)
+    _bounded(caplog_events)
+
+
+host_bytes = st.one_of(
+    st.binary(max_size=80),
+    st.text(
+        st.sampled_from(
+            [
+                "a",
+                "b",
+                "0",
+                "-",
+                ".",
+                ":",
+                "[",
+                "]",
+                FULLWIDTH_DOT,
+                IDEOGRAPHIC_DOT,
+                HALFWIDTH_DOT,
+                "\u00fc",
+                "\u00df",
+                "\u200b",
+            ]
+        ),
+        max_size=80,
+    ).map(str.encode),
+    st.builds(
+        lambda labels, port: b".".join(labels) + port,
+        st.lists(st.binary(min_size=0, max_size=70), max_size=5),
+        st.sampled_from([b"", b":80", b":", b":x", b":123456"]),
+    ),
+).filter(lambda h: b"\r" not in h and b"\n" not in h)
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    transport=st.sampled_from(["tcp", "unix"]),
+    site=st.sampled_from(["public", "internal"]),
+    host=st.one_of(st.none(), host_bytes),
+)
+@pytest_twisted.ensureDeferred
+async def test_any_host_value_gets_a_json_answer(
+    both_transports: Any, caplog_events: list[str], transport: str, site: str, host: bytes | None
+) -> None:
+    raw = await both_transports(transport, site, _host_request(SITE_PATHS[site], host))
+    check_answer(raw, "GET")
+    _bounded(caplog_events)

@@ -5,28 +5,40 @@
 * Bodies over :data:`MAX_BODY` are refused with 413 as soon as the length is known (or the
   chunked body crosses the limit), before anything is buffered; the rest is read and dropped.
 * The site writes no access log, no ``Server:`` header, and never logs a client's address.
+* Slow clients cannot hold a site: each site caps its connections (the oldest connection
+  waiting for a request is dropped to make room, see :meth:`PrivacySite.buildProtocol`), and a
+  request's head and body must arrive within :data:`REQUEST_DEADLINE` of its first byte,
+  however often the client trickles a byte.
+* Whatever a client sends, the log grows by a bounded amount (:mod:`anonticket.web.ratelog`).
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from io import BytesIO
 from typing import Any, Final, NoReturn, TypeVar, cast
 
 from klein import Klein
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from anonticket import limits
 from anonticket.domain import DomainError
 from anonticket.metrics import Metrics
+from anonticket.web.guard import BrowserGuard, routing_host
+from anonticket.web.ratelog import LogBudget
 
 MAX_BODY: Final = 4096
 # After a 413, keep reading (and dropping) this much before hanging up, so the client sees our
@@ -34,6 +46,13 @@ MAX_BODY: Final = 4096
 _DISCARD_LIMIT: Final = 64 * 1024
 _REJECT_GRACE: Final = 1.0
 IDLE_TIMEOUT: Final = 60
+# From a request's first byte until its body is complete.  A request is at most 16 KiB of
+# headers and a 4 KiB body; over Tor that takes a few round trips of a second or two each at
+# worst.  A client trickling a byte now and then keeps resetting the idle timeout but not this.
+REQUEST_DEADLINE: Final = 10.0
+# How often a site looks for requests past their deadline (at most this late).
+_SWEEP_INTERVAL: Final = 1.0
+_DEADLINE_GRACE: Final = 1.0  # to flush the 408 before the connection is aborted
 
 log = Logger()
 
@@ -150,12 +169,31 @@ def install_error_handlers(app: Klein, site: str) -> None:
     @app.handle_errors(Exception)
     def unexpected(self: object, request: IRequest, failure: Failure) -> bytes:
         # Log the type and where it happened, not the value: a repr could carry request data.
-        log.error(
+        # A client that can trigger it can trigger it a million times: bounded.
+        error_type = _type_name(failure)
+        _log_budget(request).emit(
+            log,
+            LogLevel.error,
+            ("unexpected", site, error_type),
             "{site} site: unexpected {error_type} answering a request",
             site=site,
-            error_type=failure.type.__name__ if failure.type else "error",
+            error_type=error_type,
         )
         return respond_error(request, ApiError(500, "internal_error", "internal error"))
+
+
+def _type_name(failure: Failure) -> str:
+    return failure.type.__name__ if failure.type else "error"
+
+
+# For log lines raised where no site is at hand (a store failure): a monotonic clock is enough
+# to space out log lines, and nothing a test or the daemon decides depends on it.
+_PROCESS_LOG: Final = LogBudget(time.monotonic)
+
+
+def _log_budget(request: object) -> LogBudget:
+    site = getattr(request, "site", None)
+    return site.log_budget if isinstance(site, PrivacySite) else _PROCESS_LOG
 
 
 def set_route(request: IRequest, route: str) -> None:
@@ -166,7 +204,9 @@ def set_route(request: IRequest, route: str) -> None:
 class LimitedRequest(server.Request):
     """A Request that refuses oversized bodies before buffering them and sends no Server header.
 
-    It also feeds the per-route metrics and the site's count of requests in flight.
+    It also feeds the per-route metrics and the site's count of requests in flight, answers
+    even a failure inside twisted.web with JSON, and never lets a client's ``Host`` reach
+    Werkzeug (see :func:`anonticket.web.guard.routing_host`).
     """
 
     route_label = "other"
@@ -218,6 +258,8 @@ class LimitedRequest(server.Request):
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         self.channel.persistent = False
+        if isinstance(self.channel, PrivacyChannel):
+            self.channel.answered = True
         # Hang up once the body has been read and dropped, or after a short grace if the client
         # never sends it (it may be waiting for the "100 Continue" it will not get).
         self._hangup = self.channel.callLater(_REJECT_GRACE, self.channel.loseConnection)
@@ -259,12 +301,54 @@ class LimitedRequest(server.Request):
             return
         super().setHeader(name, value)
 
+    def getRequestHostname(self) -> bytes:
+        # Klein binds Werkzeug's URL map with this name (see guard.routing_host).
+        return routing_host(self)
+
     def process(self) -> None:
         site = getattr(self.channel, "site", None)
         if isinstance(site, PrivacySite):
             self._site = site
             site.request_started(self)
         super().process()
+
+    def processingFailed(self, reason: Failure) -> Failure:
+        """A failure no route handled (twisted.web, Klein or our own guard raised).
+
+        twisted.web would log it with a traceback at level critical and answer an HTML page;
+        here it is one bounded log line with the error's type, and a JSON 500."""
+        error_type = _type_name(reason)
+        _log_budget(self).emit(
+            log,
+            LogLevel.error,
+            ("processing", error_type),
+            "{site} site: processing a request failed with {error_type}",
+            site=getattr(getattr(self, "site", None), "name", "?"),
+            error_type=error_type,
+        )
+        if self.finished or self._disconnected:
+            return reason
+        if self.startedWriting:
+            # The status line is gone; the only honest ending left is a cut connection.
+            _transport(self.channel).abortConnection()
+            return reason
+        self._answer(500, _error_bytes("internal_error", "internal error"))
+        return reason
+
+    def _handleStar(self) -> None:
+        # "OPTIONS *" and any other method on "*": twisted.web answers these itself, without a
+        # body; here, as every answer, in JSON.
+        if self.method == b"OPTIONS":
+            self._answer(200, json_body({}))
+        else:
+            self.setHeader(b"allow", b"OPTIONS")
+            self._answer(405, _error_bytes("method_not_allowed", "method not allowed"))
+
+    def _answer(self, status: int, body: bytes) -> None:
+        respond_body(self, body, status)
+        self.setHeader(b"content-length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
 
 
 def _transport(channel: http.HTTPChannel) -> ITCPTransport:
@@ -275,9 +359,20 @@ def _transport(channel: http.HTTPChannel) -> ITCPTransport:
 
 
 class PrivacyChannel(http.HTTPChannel):
-    """HTTPChannel whose protocol-level errors are JSON and whose timeouts log no address."""
+    """HTTPChannel whose protocol-level errors are JSON and whose timeouts log no address.
+
+    It tells its site when it waits for a request (it may then be dropped to make room for a
+    new connection) and when a request's first byte arrived (the whole request must follow
+    within the site's deadline).
+    """
+
+    site: PrivacySite
+    answered = False  # an error answer went out, the connection is closing
+    evicted = False  # aborted to make room for a newer connection
+    receiving_since: float | None = None  # first byte of the request now arriving
 
     def _respondToBadRequestAndDisconnect(self) -> None:
+        self.answered = True
         body = _error_bytes("bad_request", "malformed HTTP request")
         _transport(self).write(
             b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
@@ -296,41 +391,111 @@ class PrivacyChannel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        site = getattr(self, "site", None)
-        if isinstance(site, PrivacySite):
-            site.channels.add(self)
+        # Twisted prefixes the legacy log lines written while a connection's data is handled
+        # with "<protocol>,<session>,<client address>"; who connected is nobody's business.
+        transport = self.transport
+        if transport is not None and hasattr(transport, "logstr"):
+            transport.logstr = f"{self.site.name}-site"
+        self.site.channel_opened(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        # While a request is handled, Twisted buffers what follows and replays it through here
+        # once the answer is out: the next request's clock starts then, not before.
+        if self.receiving_since is None and not self._handlingRequest and not self.answered:
+            self.site.receiving_started(self)
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self.site.request_arrived(self)
+        super().allContentReceived()
+
+    def requestDone(self, request: http.Request) -> None:
+        # Waiting again before the base class replays pipelined data, which may start (and
+        # finish receiving) the next request at once.
+        if self.persistent:
+            self.site.waiting_again(self)
+        super().requestDone(request)
+
+    def deadline_passed(self) -> None:
+        """The request did not arrive in time: answer 408 and hang up, however often the client
+        still sends a byte."""
+        transport = _transport(self)
+        if self.answered or getattr(transport, "disconnecting", False):
+            transport.abortConnection()
+            return
+        self.answered = True
+        self.persistent = False
+        body = _error_bytes(
+            "request_timeout", f"request not received within {self.site.request_deadline:g}s"
+        )
+        transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+            b"Cache-Control: no-store\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self.loseConnection()
+        # A client that does not read cannot keep the socket: abort once the grace is over.
+        self._abortingCall = self.callLater(_DEADLINE_GRACE, self.forceAbortClient)
+
+    def evict(self) -> None:
+        """Drop the connection at once (to make room): no answer, the client reconnects."""
+        if self.evicted:
+            return
+        self.evicted = True
+        _transport(self).abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
-        site = getattr(self, "site", None)
-        if isinstance(site, PrivacySite):
-            site.channel_closed(self)
+        self.site.channel_closed(self)
 
 
 class _Guard(Resource):
-    """Rejects URLs Klein cannot decode with a JSON 400 (Klein would log the URL and answer
-    text/plain), then hands the request to the Klein resource."""
+    """Answers what must not reach the routes with a JSON error, before Klein sees it:
+
+    * a URL Klein cannot decode (Klein would log the URL and answer text/plain): 400;
+    * on a site with a :class:`~anonticket.web.guard.BrowserGuard` (the internal one), a
+      foreign ``Host`` or a request from another site's web page: 403.
+    """
 
     isLeaf = True
 
     def __init__(self, inner: Resource) -> None:
         super().__init__()
-        self._inner = inner
+        self.inner = inner
 
     def render(self, request: server.Request) -> bytes | int:
         try:
             b"/".join(request.postpath or ()).decode("utf-8")
-            # What Klein decodes is the Host header's name part; no header means our own
-            # address, always ASCII.
-            (request.getHeader(b"host") or b"").decode("utf-8")
         except UnicodeDecodeError:
-            return respond_error(request, ApiError(400, "bad_request", "URL is not valid UTF-8"))
-        result: bytes | int = self._inner.render(request)
+            return _answer_now(request, ApiError(400, "bad_request", "URL is not valid UTF-8"))
+        site = getattr(request, "site", None)
+        if isinstance(site, PrivacySite) and site.guard is not None:
+            refused = site.guard.refusal(request)
+            if refused is not None:
+                return _answer_now(request, ApiError(403, *refused))
+        result: bytes | int = self.inner.render(request)
         return result
 
 
+def _answer_now(request: server.Request, error: ApiError) -> int:
+    # Written here rather than returned: twisted.web logs a returned body for a HEAD request
+    # together with the request's repr, which holds its URL (a token, perhaps).
+    request.write(respond_error(request, error))
+    request.finish()
+    return server.NOT_DONE_YET
+
+
 class PrivacySite(server.Site):
-    """A Site with no access log that counts its requests and can drain them on stop."""
+    """A Site with no access log that counts its requests, can drain them on stop, caps its
+    connections, and holds every request to a deadline.
+
+    :param max_connections: the most connections held at once (default: by ``name``, from
+        :mod:`anonticket.limits`; :class:`~anonticket.web.service.SiteService` lowers it to fit
+        the open-file limit).
+    :param request_deadline: seconds from a request's first byte until its body is complete.
+    :param browser_guard: refuse foreign ``Host`` values and cross-site browser requests
+        (default: only for the site named ``internal``).
+    """
 
     protocol = PrivacyChannel  # type: ignore[assignment]  # no HTTP/2 negotiation wrapper
     requestFactory = LimitedRequest
@@ -345,12 +510,32 @@ class PrivacySite(server.Site):
         metrics: Metrics,
         clock: IReactorTime,
         timeout: float = IDLE_TIMEOUT,
+        max_connections: int | None = None,
+        request_deadline: float = REQUEST_DEADLINE,
+        browser_guard: bool | None = None,
     ) -> None:
         super().__init__(_Guard(resource), timeout=timeout)
         self.name = name
         self.metrics = metrics
         self.clock = clock
+        self.max_connections = (
+            max_connections if max_connections is not None else limits.default_cap(name)
+        )
+        self.request_deadline = request_deadline
+        guarded = name == "internal" if browser_guard is None else browser_guard
+        self.guard = BrowserGuard() if guarded else None
+        self.log_budget = LogBudget(clock.seconds)
         self.channels: set[PrivacyChannel] = set()
+        # Connections not handling a request, longest waiting first: dropped first at the cap.
+        self._waiting: OrderedDict[PrivacyChannel, None] = OrderedDict()
+        # Connections whose request is arriving, by its first byte (so oldest first).
+        self._receiving: OrderedDict[PrivacyChannel, float] = OrderedDict()
+        self._evicting = 0  # aborted, not yet closed: they still hold a descriptor
+        # Totals since start (for tests and a future metric).
+        self.refused = 0
+        self.evicted = 0
+        self.timed_out = 0
+        self._sweeper: LoopingCall | None = None
         self.in_flight = 0
         self._drained: list[Deferred[None]] = []
         self._closed: list[Deferred[None]] = []
@@ -363,6 +548,121 @@ class PrivacySite(server.Site):
 
     def log(self, request: object) -> None:
         """No access log: a request line can hold a token, and who asked is nobody's business."""
+
+    # -- where the site listens ------------------------------------------------------------
+
+    def listening_on(self, address: object) -> None:
+        """The site's own address, once bound: its name is a valid ``Host`` for the guard, and on
+        a unix socket a request may come without one."""
+        if self.guard is None:
+            return
+        if isinstance(address, UNIXAddress):
+            self.guard.unix = True
+        elif isinstance(address, IPv6Address):
+            self.guard.names |= {b"[" + address.host.lower().encode("ascii") + b"]"}
+        elif isinstance(address, IPv4Address):
+            self.guard.names |= {address.host.encode("ascii")}
+
+    # -- the connection cap ------------------------------------------------------------------
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        """A channel for a new connection, or None (Twisted then closes the socket at once).
+
+        At the cap, the connection that has waited longest for a request is dropped to make
+        room, so a client that sends its request promptly gets in however many idle or
+        trickling connections an attacker keeps opening; refusing newcomers instead would let
+        those lock everyone out.  Only when every connection is busy with a request (or too
+        many dropped ones are still closing) is the newcomer refused.
+        """
+        if len(self.channels) - self._evicting >= self.max_connections:
+            if not self._waiting or self._evicting >= limits.EVICT_SLACK:
+                self.refused += 1
+                self._note_full()
+                return None
+            victim, _ = self._waiting.popitem(last=False)
+            self._receiving.pop(victim, None)
+            self._evicting += 1
+            self.evicted += 1
+            victim.evict()
+            self._note_full()
+        return super().buildProtocol(addr)
+
+    @property
+    def live_connections(self) -> int:
+        """Connections held, not counting those dropped and about to close."""
+        return len(self.channels) - self._evicting
+
+    def _note_full(self) -> None:
+        self.log_budget.emit(
+            log,
+            LogLevel.warn,
+            ("full", self.name),
+            "{site} site at its cap of {cap} connections: dropping the longest waiting "
+            "({dropped} so far), refusing when all are busy ({refused} so far)",
+            site=self.name,
+            cap=self.max_connections,
+            dropped=self.evicted,
+            refused=self.refused,
+        )
+
+    def channel_opened(self, channel: PrivacyChannel) -> None:
+        self.channels.add(channel)
+        self._waiting[channel] = None
+
+    def receiving_started(self, channel: PrivacyChannel) -> None:
+        now = self.clock.seconds()
+        channel.receiving_since = now
+        self._receiving[channel] = now
+
+    def request_arrived(self, channel: PrivacyChannel) -> None:
+        self._waiting.pop(channel, None)
+        channel.receiving_since = None
+        self._receiving.pop(channel, None)
+
+    def waiting_again(self, channel: PrivacyChannel) -> None:
+        if not channel.evicted:
+            self._waiting[channel] = None
+
+    # -- the request deadline ----------------------------------------------------------------
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = self.clock
+        self._sweeper.start(min(_SWEEP_INTERVAL, self.request_deadline / 4), now=False)
+
+    def stopFactory(self) -> None:
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self._sweeper = None
+        super().stopFactory()
+
+    def _sweep(self) -> None:
+        """Cut the requests whose first byte is older than the deadline (oldest first, so the
+        walk stops at the first one still in time)."""
+        started_before = self.clock.seconds() - self.request_deadline
+        cut = 0
+        while self._receiving:
+            channel, since = next(iter(self._receiving.items()))
+            if since > started_before:
+                break
+            del self._receiving[channel]
+            channel.receiving_since = None
+            cut += 1
+            channel.deadline_passed()
+        if cut:
+            self.timed_out += cut
+            self.log_budget.emit(
+                log,
+                LogLevel.info,
+                ("deadline", self.name),
+                "{site} site: {count} requests not received within {deadline}s, cut off",
+                site=self.name,
+                count=cut,
+                deadline=self.request_deadline,
+            )
+
+    # -- requests and connections in flight --------------------------------------------------
 
     def count_response(self, route: str, code: int) -> None:
         child = self._responses.get((route, code))
@@ -397,6 +697,10 @@ class PrivacySite(server.Site):
 
     def channel_closed(self, channel: PrivacyChannel) -> None:
         self.channels.discard(channel)
+        self._waiting.pop(channel, None)
+        self._receiving.pop(channel, None)
+        if channel.evicted:
+            self._evicting -= 1
         if not self.channels:
             waiting, self._closed = self._closed, []
             for d in waiting:
@@ -424,10 +728,16 @@ def store_answer(metrics: Metrics, operation: str, d: Deferred[T]) -> Deferred[T
         if failure.check(CancelledError):
             return failure  # the client went away; nothing failed
         metrics.store_errors.labels(operation).inc()
-        log.error(
+        # Every request fails while the store is down: the metric counts them all, the log
+        # says so a few times a minute.
+        error_type = _type_name(failure)
+        _PROCESS_LOG.emit(
+            log,
+            LogLevel.error,
+            ("store", operation, error_type),
             "store {operation} failed: {error_type}",
             operation=operation,
-            error_type=failure.type.__name__ if failure.type else "error",
+            error_type=error_type,
         )
         return Failure(
             ApiError(

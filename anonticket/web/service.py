@@ -1,16 +1,25 @@
-"""One Service per listening site: listen on start, drain and close on stop."""
+"""One Service per listening site: listen on start, drain and close on stop.
+
+On start it also checks where the site really listens (the internal site must be on loopback
+or a unix socket, whatever the endpoint string seemed to say), fits the site's connection cap
+to the open-file limit, and keeps client addresses out of what Twisted logs when accepting.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from anonticket import limits
 from anonticket.web.http import PrivacySite
 
 DRAIN_TIMEOUT = 5.0
@@ -31,13 +40,28 @@ class SiteService(Service):
     instead of a daemon that runs but serves nothing.
     """
 
-    def __init__(self, reactor: Any, option: str, description: str, site: PrivacySite) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        option: str,
+        description: str,
+        site: PrivacySite,
+        *,
+        require_loopback: bool | None = None,
+    ) -> None:
+        """:param require_loopback: refuse to run unless the bound address is loopback or a unix
+        socket (default: for the internal site, which has no authentication of its own).  An
+        endpoint that authenticates its clients (TLS with client certificates) may turn it off.
+        """
         self._reactor = reactor
         self._option = option
         self._description = description
         self.site = site
         self.name = f"{site.name}-site"
         self.port: IListeningPort | None = None
+        if require_loopback is None:
+            require_loopback = option == "internal"
+        self.require_loopback = require_loopback
 
     def startService(self) -> None:
         try:
@@ -59,9 +83,35 @@ class SiteService(Service):
                 f"{result.getErrorMessage()}"
             )
         assert IListeningPort.providedBy(result)
-        self.port = result
         host = result.getHost()
-        log.info("{site} site listening on {address}", site=self.site.name, address=_describe(host))
+        if self.require_loopback and not _is_local(host):
+            # config.py checks the endpoint string, but Twisted takes the *last* of repeated
+            # arguments ("interface=127.0.0.1:interface=0.0.0.0"): the bound address decides.
+            result.stopListening()
+            raise StartupError(
+                f"--{self._option}: {self._description!r} listens on {_describe(host)}, "
+                "not on a loopback address or a unix socket; refusing to expose the site"
+            )
+        self.port = result
+        _keep_addresses_out_of_accept_log(result, self.site)
+        self.site.listening_on(host)
+        cap = limits.site_cap(self.site.name, self.site.max_connections, limits.fd_limit())
+        if cap < self.site.max_connections:
+            log.warn(
+                "{site} site: at most {cap} connections (not {wanted}) under the open-file "
+                "limit of {limit}",
+                site=self.site.name,
+                cap=cap,
+                wanted=self.site.max_connections,
+                limit=limits.fd_limit(),
+            )
+        self.site.max_connections = cap
+        log.info(
+            "{site} site listening on {address}, at most {cap} connections",
+            site=self.site.name,
+            address=_describe(host),
+            cap=cap,
+        )
         super().startService()
 
     @defer.inlineCallbacks
@@ -92,6 +142,69 @@ class SiteService(Service):
             for channel in list(self.site.channels):
                 channel.forceAbortClient()
         log.info("{site} site stopped", site=self.site.name)
+
+
+def _is_local(host: object) -> bool:
+    """A unix socket, or a TCP address in 127.0.0.0/8 or ::1 (an IPv4-mapped one included)."""
+    if isinstance(host, UNIXAddress):
+        return True
+    if isinstance(host, IPv4Address | IPv6Address):
+        try:
+            ip = ipaddress.ip_address(host.host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return ip.is_loopback
+    return False
+
+
+@implementer(ILogObserver)
+class _AcceptLog:
+    """What a listening port logs while accepting, without the clients' addresses.
+
+    Twisted's port logs through its ``_logger`` (in ``doRead``); out of descriptors, it closes
+    every waiting connection and logs "EMFILE recovery: Closed socket from <address>" for each
+    (issue #11: ~95 client addresses).  Here each kind of event becomes one bounded line naming
+    the site, and the closed connections are only counted.
+    """
+
+    def __init__(self, site: PrivacySite) -> None:
+        self._site = site
+        self.closed = 0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        fmt = str(event.get("log_format", ""))
+        if "Closed socket" in fmt:
+            self.closed += 1
+            return
+        # acceptError is an errno name ("EMFILE"); nothing else of the event is kept.
+        error = event.get("acceptError")
+        self._site.log_budget.emit(
+            log,
+            LogLevel.warn,
+            ("accept", self._site.name, fmt),
+            "{site} site: trouble accepting connections ({what}); {closed} waiting "
+            "connections closed unanswered so far",
+            site=self._site.name,
+            what=str(error) if isinstance(error, str) else _ACCEPT_EVENTS.get(fmt, "other"),
+            closed=self.closed,
+        )
+
+
+_ACCEPT_EVENTS = {
+    "EMFILE encountered; releasing reserved file descriptor.": "out of file descriptors",
+    "Re-reserving EMFILE recovery file descriptor.": "recovered from EMFILE",
+}
+
+
+def _keep_addresses_out_of_accept_log(port: IListeningPort, site: PrivacySite) -> None:
+    logger = getattr(port, "_logger", None)
+    if isinstance(logger, Logger):
+        # An instance attribute shadows the class's Logger descriptor for this port only.
+        port._logger = Logger(  # type: ignore[attr-defined]
+            namespace=logger.namespace, observer=_AcceptLog(site)
+        )
 
 
 def _describe(host: Any) -> str:
