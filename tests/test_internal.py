@@ -279,7 +279,7 @@ async def test_metrics_follow_a_request_in_flight_and_one_whose_client_left(daem
     answered = 'anonticket_http_request_duration_seconds_count{route="redeem",site="public"}'
     held: list[Deferred[object]] = []
 
-    def hold(pid, now):
+    def hold(pid, now, admit=False):
         held.append(Deferred())
         return held[-1]
 
