@@ -11,6 +11,10 @@ to (``--tor-control``).  The site listens where only tor needs to reach it: a un
 0700 data dir for a tor we launch, ``127.0.0.1`` for an attached tor (a system tor runs as another
 user and cannot enter the data dir).
 
+Whatever answers on the control port must prove it is tor (SAFECOOKIE with tor's own cookie
+file, never a file of ours) before it gets anything but a nonce, and ADD_ONION, which carries
+the private key, goes only over a connection so proven: see :mod:`anonticket.torcontrol`.
+
 DoS defenses, as checked against tor 0.4.9.11 (tests/test_onion_tor.py):
 
 * proof of work (``PoWDefensesEnabled``, ``PoWQueueRate``, ``PoWQueueBurst``) and a cap on
@@ -53,8 +57,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, providedBy
 
+from anonticket import torcontrol
 from anonticket.keys import DataDirError, fsync_dir, load_or_create_key_file, prepare_data_dir
 from anonticket.metrics import Metrics
+from anonticket.torcontrol import CookiePolicy
 from anonticket.web.http import PrivacySite
 from anonticket.web.service import SiteService, StartupError
 
@@ -78,6 +84,8 @@ ONION_KEY_FILE: Final = "onion.key"
 HOSTNAME_FILE: Final = "onion_hostname"
 PUBLIC_SOCKET: Final = "public.sock"
 TOR_DIR: Final = "tor"
+# The launched tor's cookie (tor's default name in its DataDirectory, set explicitly anyway).
+TOR_COOKIE: Final = "control_auth_cookie"
 SEED_BYTES: Final = 32
 _VERSION: Final = b"\x03"
 # sun_path holds 108 bytes on Linux (104 on the BSDs) including the NUL; keep a margin.
@@ -220,7 +228,7 @@ def _describe(error: BaseException) -> str:
     (txtorcon puts the whole pending command, key included, into its disconnect errors)."""
     if isinstance(error, defer.TimeoutError):
         return "timed out"
-    text = (str(error) or type(error).__name__).strip().splitlines()[0][:300]
+    text = (str(error) or type(error).__name__).strip().splitlines()[0][:500]
     return _KEY_BLOB.sub("ED25519-V3:[scrubbed]", text)
 
 
@@ -330,16 +338,20 @@ class OnionService(Service):
         local: str | None = None,
         tor_binary: str | None = None,
         tor_options: Mapping[str, str | list[str]] | None = None,
+        tor_cookie_files: Sequence[Path] | None = None,
         clock: IReactorTime | None = None,
     ) -> None:
         """
-        :param tor_control: client endpoint of a running tor's control port (cookie auth);
-            ``None`` launches a private tor.
+        :param tor_control: client endpoint of a running tor's control port (SAFECOOKIE
+            authentication); ``None`` launches a private tor.
         :param local: server endpoint for the site instead of the default (the unix socket
             ``<data-dir>/public.sock`` for a launched tor, ``tcp:0:interface=127.0.0.1`` for
             an attached one); a unix socket or a loopback TCP port.
         :param tor_options: extra torrc options for a launched tor (``--tor-config``: bridges,
             a private test network, ``DisableNetwork``); a list value repeats the option.
+        :param tor_cookie_files: the only files an attached tor may name as its cookie;
+            ``None``: tor's usual places (:data:`torcontrol.DEFAULT_COOKIE_FILES`) and, for a
+            ``unix:`` control socket, tor's cookie next to it.  Never a file in *data_dir*.
         :param clock: for timeouts and back-off (tests); defaults to *reactor*.
         """
         if not 1 <= virtual_port <= 65535:
@@ -356,6 +368,8 @@ class OnionService(Service):
         self._local = local
         self._tor_binary = tor_binary
         self._tor_options = dict(tor_options or {})
+        self._tor_cookie_files = None if tor_cookie_files is None else list(tor_cookie_files)
+        self._cookie_policy: CookiePolicy | None = None
         self._jitter = random.SystemRandom()
         self.address: str | None = None
         self.site_service: SiteService | None = None
@@ -382,6 +396,7 @@ class OnionService(Service):
                 raise StartupError(
                     f"--tor-control: bad endpoint {self._tor_control!r}: {e}"
                 ) from None
+            self._cookie_policy = self._attached_policy()
         if self._tor_control is None and self._tor_binary is None:
             # Once, here: txtorcon would run "which tor" in a shell at every launch.  Debian
             # installs tor in /usr/sbin, which is not on a non-root user's PATH.
@@ -403,6 +418,23 @@ class OnionService(Service):
         self._metrics.onion_state.state("starting")
         self._loop = defer.ensureDeferred(self._run())
         self._loop.addErrback(self._loop_crashed)
+
+    def _attached_policy(self) -> CookiePolicy:
+        socket = None
+        if isinstance(self._control_endpoint, UNIXClientEndpoint):
+            socket = Path(os.fsdecode(self._control_endpoint._path))
+        policy = CookiePolicy.for_attached(
+            self._data_dir, cookie_files=self._tor_cookie_files, control_socket=socket
+        )
+        for path in self._tor_cookie_files or ():
+            if not path.is_absolute():
+                raise StartupError(f"tor cookie file {path}: not an absolute path")
+            if policy.inside_data_dir(path):
+                # Our keys are 32 bytes, like a cookie: never offer one as tor's.
+                raise StartupError(
+                    f"tor cookie file {path}: it is in the data directory {self._data_dir}"
+                )
+        return policy
 
     def _default_local(self) -> str:
         if self._tor_control is None:
@@ -467,13 +499,16 @@ class OnionService(Service):
         clock = self._clock
         started = clock.seconds()
         log.info("onion service: connecting to tor at {endpoint}", endpoint=self._tor_control)
-        connecting = txtorcon.connect(self._reactor, self._control_endpoint)
-        tor = await connecting.addTimeout(self._timeouts.connect, clock)
-        session = self._session = _Session(protocol=tor.protocol)
+        assert self._cookie_policy is not None
+        connecting = defer.ensureDeferred(
+            torcontrol.connect_authenticated(self._control_endpoint, self._cookie_policy)
+        )
+        protocol = await connecting.addTimeout(self._timeouts.connect, clock)
+        session = self._session = _Session(protocol=protocol)
         self._watch_connection(session)
         log.info(
-            "onion service: connected to tor {version} in {elapsed:.2f}s",
-            version=getattr(tor.protocol, "version", "?"),
+            "onion service: connected to tor {version} in {elapsed:.2f}s (SAFECOOKIE)",
+            version=getattr(protocol, "version", "?"),
             elapsed=clock.seconds() - started,
         )
         return session
@@ -492,10 +527,13 @@ class OnionService(Service):
             control_path = session.control_dir / "control"
         ready: defer.Deferred[Any] = defer.Deferred()
         deadline = clock.seconds() + t.connect
+        cookie = tor_dir / TOR_COOKIE
+        policy = CookiePolicy.for_launched(self._data_dir, cookie)
 
         def connection_creator() -> defer.Deferred[Any]:
-            d = defer.ensureDeferred(self._connect_control(control_path, deadline))
-            return d.addCallback(_relay_when_authenticated, ready)
+            return defer.ensureDeferred(
+                self._connect_control(control_path, deadline, policy, ready)
+            )
 
         def bootstrapped(_: object) -> None:
             session.bootstrapped = True
@@ -514,6 +552,8 @@ class OnionService(Service):
         config = session.config = txtorcon.TorConfig()
         for option, value in self._tor_options.items():
             setattr(config, option, value)
+        # Where we look for it, whatever --tor-config says (launch() turns cookies on).
+        config.CookieAuthFile = str(cookie)
         spawner = _Spawner(self._reactor)
         output = _TorOutput()
         log.info("onion service: launching tor (DataDirectory {path})", path=str(tor_dir))
@@ -543,17 +583,34 @@ class OnionService(Service):
         session.timers.append(clock.callLater(t.bootstrap, _bootstrap_late, session, t.bootstrap))
         return session
 
-    async def _connect_control(self, path: Path, deadline: float) -> Any:
+    async def _connect_control(
+        self, path: Path, deadline: float, policy: CookiePolicy, ready: defer.Deferred[Any]
+    ) -> Any:
+        """Connect to the launched tor and authenticate (as to any tor: it must prove it
+        knows its cookie); report to *ready*, return the protocol to txtorcon."""
         # txtorcon connects once tor *logs* that it opens the control socket, which can be
         # before the socket exists, and it never tries again (txtorcon #349): retry until then.
         endpoint = UNIXClientEndpoint(self._reactor, str(path))
         while True:
             try:
-                return await endpoint.connect(txtorcon.TorProtocolFactory())
+                protocol = await endpoint.connect(torcontrol.VerifiedControlFactory(policy))
+                break
             except ConnectError:
                 if self._clock.seconds() >= deadline:
                     raise
                 await deferLater(self._clock, _CONTROL_RETRY)
+        try:
+            await torcontrol.when_authenticated(protocol)
+        except Exception as e:
+            if not ready.called:
+                ready.errback(Failure(e))
+            # Not back to txtorcon, which would log it with a traceback and wait for another
+            # "Opening Control listener" line; the loop reports it and stops this tor.
+            never: defer.Deferred[Any] = defer.Deferred()
+            return await never
+        if not ready.called:
+            ready.callback(protocol)
+        return protocol
 
     def _watch_connection(self, session: _Session) -> None:
         session.connected = True
@@ -567,6 +624,10 @@ class OnionService(Service):
         clock = self._clock
         t = self._timeouts
         protocol = session.protocol
+        if not torcontrol.proven(protocol):
+            # The command below carries our private key: only for a control port that proved
+            # it is tor (torcontrol); nothing else should ever get here.
+            raise OnionError("the control port has not proven it is tor; ADD_ONION not sent")
         watch = DescriptorWatch(self._service_id)
         started = clock.seconds()
         # Listen first: with a warm tor the first upload can follow ADD_ONION within a second.
@@ -712,22 +773,6 @@ class OnionService(Service):
         await self._close_session(remove=True)
         self._metrics.onion_state.state("disabled")
         log.info("onion service stopped")
-
-
-def _relay_when_authenticated(protocol: Any, ready: defer.Deferred[Any]) -> Any:
-    """Fire *ready* once the control connection is authenticated, leaving ``post_bootstrap``'s
-    result alone for txtorcon, which waits on the same Deferred."""
-
-    def relay(result: object) -> object:
-        if not ready.called:
-            if isinstance(result, Failure):
-                ready.errback(result)
-            else:
-                ready.callback(protocol)
-        return result
-
-    protocol.post_bootstrap.addBoth(relay)
-    return protocol
 
 
 def _log_progress(percent: int, tag: str, summary: str) -> None:

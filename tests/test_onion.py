@@ -27,7 +27,7 @@ from twisted.web.resource import Resource
 from txtorcon.testutil import FakeControlProtocol
 from txtorcon.torcontrolprotocol import TorDisconnectError, TorProtocolError
 
-from anonticket import onion
+from anonticket import onion, torcontrol
 from anonticket.keys import DataDirError
 from anonticket.metrics import Metrics
 from anonticket.onion import (
@@ -43,6 +43,7 @@ from anonticket.onion import (
     parse_service_id,
     print_address_main,
 )
+from anonticket.torcontrol import DEFAULT_COOKIE_FILES, CookiePolicy
 from anonticket.web.http import PrivacySite
 from anonticket.web.service import SiteService, StartupError
 
@@ -240,6 +241,7 @@ class FakeControl(FakeControlProtocol):  # type: ignore[misc]
         self.connected = True
         self._waiting: list[defer.Deferred[None]] = []
         self.transport = SimpleNamespace(loseConnection=self.hang_up)
+        self.tor_proven = True  # as after SAFECOOKIE (tests/test_tor_impostor.py checks that)
 
     def queue_command(self, cmd: str | bytes) -> defer.Deferred[Any]:
         text = cmd.decode() if isinstance(cmd, bytes) else cmd
@@ -298,17 +300,19 @@ class Harness:
         self.connects: list[float] = []
         # What each connect attempt gets: a FakeControl, an exception, or a pending Deferred.
         self.tors: list[Any] = []
-        monkeypatch.setattr(txtorcon, "connect", self._connect)
+        self.policies: list[CookiePolicy] = []
+        monkeypatch.setattr(torcontrol, "connect_authenticated", self._connect)
         monkeypatch.setattr(txtorcon, "launch", self._launch)
 
-    def _connect(self, reactor: Any, endpoint: Any) -> defer.Deferred[Any]:
+    def _connect(self, endpoint: Any, policy: CookiePolicy) -> defer.Deferred[Any]:
         self.connects.append(self.clock.seconds())
+        self.policies.append(policy)
         outcome = self.tors.pop(0) if self.tors else defer.Deferred()
         if isinstance(outcome, defer.Deferred):
             return outcome
         if isinstance(outcome, Exception):
             return defer.fail(outcome)
-        return defer.succeed(SimpleNamespace(protocol=outcome))
+        return defer.succeed(outcome)
 
     def _launch(self, reactor: Any, **kwargs: Any) -> defer.Deferred[Any]:
         self.launch_kwargs = kwargs
@@ -549,6 +553,40 @@ async def test_stop_when_del_onion_hangs(
     assert logs("DEL_ONION failed: timed out") and not tor.connected
 
 
+@pytest_twisted.ensureDeferred
+async def test_add_onion_only_over_a_connection_proven_to_be_tor(
+    harness: Harness, logs: Callable[[str], list[str]]
+) -> None:
+    unproven, proven = harness.control(), harness.control()
+    unproven.tor_proven = False
+    harness.tors = [unproven, proven]
+    svc = harness.service()
+    svc.startService()
+    assert unproven.verbs() == ["QUIT"]  # no ADD_ONION, so no key
+    assert logs("the control port has not proven it is tor; ADD_ONION not sent")
+    harness.clock.advance(FAST.backoff_base)
+    assert proven.verbs() == ["ADD_ONION"] and harness.state() == "publishing"
+    await svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_attached_cookie_policy(harness: Harness) -> None:
+    svc = harness.service(tor_control="unix:/run/tor-instances/a/control")
+    svc.startService()
+    [policy] = harness.policies
+    assert policy.data_dir == harness.data_dir.absolute() and policy.own_cookie is None
+    assert policy.allowed == (
+        *DEFAULT_COOKIE_FILES,
+        Path("/run/tor-instances/a/control.authcookie"),
+        Path("/run/tor-instances/a/control_auth_cookie"),
+    )
+    await svc.stopService()
+    svc = harness.service(tor_control="tcp:127.0.0.1:9051", tor_cookie_files=[Path("/c/k")])
+    svc.startService()
+    assert harness.policies[1].allowed == (Path("/c/k"),)
+    await svc.stopService()
+
+
 # -- the local listener ---------------------------------------------------------------------
 
 
@@ -566,7 +604,10 @@ async def test_launch_mode_listens_on_a_private_unix_socket(harness: Harness) ->
     assert kwargs["data_directory"] == str(harness.data_dir / "tor")
     assert kwargs["socks_port"] == 0 and kwargs["kill_on_stderr"] is False
     assert kwargs["control_port"] == f"unix:{harness.data_dir / 'tor' / 'control'}"
-    assert dict(kwargs["_tor_config"].config_args()) == {"DisableNetwork": "1"}
+    assert dict(kwargs["_tor_config"].config_args()) == {
+        "DisableNetwork": "1",
+        "CookieAuthFile": str(harness.data_dir / "tor" / "control_auth_cookie"),
+    }
     await svc.stopService()
     assert not sock.exists()
 
