@@ -6,6 +6,8 @@ sets only: never a PID, a token, an amount, a txid or a client's address.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -15,6 +17,8 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from anonticket import __version__
 
@@ -213,3 +217,32 @@ class Metrics:
             ["site"],
             registry=r,
         )
+        self._sites: list[Any] = []
+        r.register(_ConnectionsDropped(self._sites))
+
+    def watch_site(self, site: Any) -> None:
+        """Export a site's dropped-connection totals (read when scraped: no per-connection
+        cost).  ``site`` has ``name``, ``refused``, ``evicted`` and ``timed_out``."""
+        self._sites.append(site)
+
+
+class _ConnectionsDropped(Collector):
+    """anonticket_http_connections_dropped_total{site, reason}, read from the sites."""
+
+    REASONS = ("refused", "evicted", "timed_out")
+
+    def __init__(self, sites: list[Any]) -> None:
+        self._sites = sites
+
+    def collect(self) -> Any:
+        family = CounterMetricFamily(
+            "anonticket_http_connections_dropped",
+            "Connections a site dropped, by reason: refused (every connection busy at the "
+            "cap), evicted (the longest idle one, to make room at the cap), timed_out (the "
+            "request's head and body not complete within the request deadline).",
+            labels=["site", "reason"],
+        )
+        for site in self._sites:
+            for reason in self.REASONS:
+                family.add_metric([site.name, reason], getattr(site, reason))
+        yield family

@@ -303,3 +303,19 @@ async def test_metrics_follow_a_request_in_flight_and_one_whose_client_left(daem
     held[0].errback(RuntimeError("store down"))  # the store answers the one who left, late
     assert site.in_flight == 0 and await metric(in_flight) == 0.0
     assert await metric(answered) == 2.0
+
+
+def test_dropped_connections_are_exported_per_site_and_reason():
+    from types import SimpleNamespace
+
+    from anonticket.metrics import Metrics
+
+    metrics = Metrics()
+    site = SimpleNamespace(name="public", refused=3, evicted=5, timed_out=7)
+    metrics.watch_site(site)
+    value = metrics.registry.get_sample_value
+    name = "anonticket_http_connections_dropped_total"
+    assert value(name, {"site": "public", "reason": "refused"}) == 3
+    site.timed_out += 1  # read when scraped
+    assert value(name, {"site": "public", "reason": "timed_out"}) == 8
+    assert value(name, {"site": "public", "reason": "evicted"}) == 5

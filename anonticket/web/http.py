@@ -531,10 +531,11 @@ class PrivacySite(server.Site):
         # Connections whose request is arriving, by its first byte (so oldest first).
         self._receiving: OrderedDict[PrivacyChannel, float] = OrderedDict()
         self._evicting = 0  # aborted, not yet closed: they still hold a descriptor
-        # Totals since start (for tests and a future metric).
+        # Totals since start (anonticket_http_connections_dropped_total, read when scraped).
         self.refused = 0
         self.evicted = 0
         self.timed_out = 0
+        metrics.watch_site(self)
         self._sweeper: LoopingCall | None = None
         self.in_flight = 0
         self._drained: list[Deferred[None]] = []
