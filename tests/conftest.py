@@ -169,3 +169,35 @@ async def get_json(client: HTTPClient, url: str) -> tuple[int, Any, Any]:
 
 
 __all__ = ["Daemon", "get_json", "post_json", "transfer", "treq"]
+
+
+# Modules whose tests start real processes (monerod, wallet-rpc, tor, twistd, wrk): with the
+# tests on PostgreSQL (a server process) they are marked slow, so that
+# `scripts/test -m "not slow"` is a quick loop; the README's command runs everything.
+_SLOW_MODULES = frozenset(
+    {
+        "test_bench_smoke",
+        "test_crash",
+        "test_demo",
+        "test_e2e_monero",
+        "test_monero_regtest",
+        "test_onion_e2e",
+        "test_onion_tor",
+        "test_reorg_e2e",
+        "test_tor_privnet",
+        "test_twistd",
+        "test_umask",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        callspec = getattr(item, "callspec", None)
+        on_postgresql = callspec is not None and callspec.params.get("database_url") == (
+            "postgresql"
+        )
+        uses_server = "pg_server" in getattr(item, "fixturenames", ())
+        if module in _SLOW_MODULES or on_postgresql or uses_server:
+            item.add_marker(pytest.mark.slow)
