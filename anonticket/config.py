@@ -62,6 +62,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         shown_default="unset: launch a private tor",
     ),
     Setting(
+        "tor-cookie-file",
+        None,
+        "the cookie file of the tor at --tor-control (an absolute path); the only file it may "
+        "name for SAFECOOKIE",
+        shown_default="unset: tor's usual locations",
+    ),
+    Setting(
         "tor-config",
         None,
         "torrc-style file of extra options for the tor anonticket launches (bridges, ...)",
@@ -150,6 +157,7 @@ class Config:
     monitor: bool
     answer_cache: int
     admission_limit: int = 100
+    tor_cookie_file: Path | None = None
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -238,6 +246,7 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         internal=parse("internal", lambda x: check_internal_endpoint(x or "")),
         tor_control=parse("tor-control", check_tor_control),
         tor_config=parse("tor-config", read_tor_config),
+        tor_cookie_file=parse("tor-cookie-file", _cookie_file),
         wallet_rpc=parse("wallet-rpc", _wallet_url),
         wallet_rpc_login=parse("wallet-rpc-login", _login),
         min_confirmations=parse(
@@ -361,6 +370,14 @@ def read_tor_config(path: str | None) -> dict[str, str | list[str]]:
             values = previous if isinstance(previous, list) else [previous]
             options[key] = [*values, value.strip()]
     return options
+
+
+def _cookie_file(value: str | None) -> Path | None:
+    if value is None:
+        return None
+    if not value.startswith("/"):
+        raise ConfigError("--tor-cookie-file: expected an absolute path")
+    return Path(value)
 
 
 def check_tor_control(description: str | None) -> str | None:

@@ -103,6 +103,7 @@ def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> Anont
             virtual_port=virtual_port,
             tor_control=config.tor_control,
             tor_options=config.tor_config,
+            tor_cookie_files=None if config.tor_cookie_file is None else [config.tor_cookie_file],
         ).setServiceParent(root)
     else:
         SiteService(reactor, "public", config.public, public_site).setServiceParent(root)

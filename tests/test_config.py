@@ -54,8 +54,12 @@ def test_every_option_reads_its_environment_variable_and_the_command_line_wins()
         "ANONTICKET_INTERNAL": "unix:/run/anonticket/internal.sock",
         "ANONTICKET_PUBLIC": "tcp:9999:interface=127.0.0.1",
         "ANONTICKET_NO_MONITOR": "yes",
+        "ANONTICKET_ADMISSION_LIMIT": "7",
+        "ANONTICKET_TOR_COOKIE_FILE": "/run/tor/control.authcookie",
     }
     config = parse([], env)
+    assert config.admission_limit == 7
+    assert config.tor_cookie_file == Path("/run/tor/control.authcookie")
     assert config.data_dir == Path("/srv/at")
     assert config.min_confirmations == 12 and config.min_amount == 2_000_000
     assert config.start_height == 77 and config.poll_interval == 10.0
@@ -67,6 +71,11 @@ def test_every_option_reads_its_environment_variable_and_the_command_line_wins()
     assert config.monitor is False
     config = parse(["--min-confirmations", "3", "--data-dir", "/x"], env)
     assert config.min_confirmations == 3 and config.data_dir == Path("/x")
+
+
+def test_a_relative_tor_cookie_file_is_refused():
+    with pytest.raises(ConfigError, match="--tor-cookie-file: expected an absolute path"):
+        parse([*TCP, "--tor-cookie-file", "cookie"])
 
 
 def test_empty_environment_values_count_as_unset():
