@@ -858,29 +858,58 @@ def _write_public_file(path: Path, text: str) -> None:
 
 
 def print_address_main(argv: Sequence[str] | None = None) -> None:
-    """``anonticket-onion-address``: print the .onion address, creating the key if needed."""
+    """``anonticket-onion-address``: print the .onion address from the data directory's key.
+
+    It never makes a key unasked (an operator checking the address of a restored data
+    directory must not get a new one); with ``--create`` it makes a missing one, in an existing
+    data directory, owned by that directory's owner, so a key made by root for the daemon's
+    user is one the daemon can read."""
     env = os.environ.get("ANONTICKET_DATA_DIR", "").strip()
     parser = argparse.ArgumentParser(
         prog="anonticket-onion-address",
-        description="Print the .onion address of the public site (from <data-dir>/onion.key, "
-        "made if missing). Tor is not needed.",
+        description="Print the .onion address of the public site from <data-dir>/onion.key. "
+        "Tor is not needed. The daemon makes the key at its first start; --create makes it now.",
     )
     parser.add_argument(
         "--data-dir",
         default=env or "./anonticket-data",
         help="data directory (env ANONTICKET_DATA_DIR; default ./anonticket-data)",
     )
+    parser.add_argument(
+        "--create",
+        action="store_true",
+        help="make the key if the data directory has none (owned by the directory's owner)",
+    )
     args = parser.parse_args(argv)
     data_dir = Path(args.data_dir.strip() or "./anonticket-data")
+    key = data_dir / ONION_KEY_FILE
     try:
-        prepare_data_dir(data_dir)
+        if not os.path.lexists(key):
+            if not args.create:
+                raise DataDirError(
+                    f"no onion key in {data_dir} yet: the daemon makes it at its first start, "
+                    "--create makes it now (or restore onion.key from backup)"
+                )
+            if not data_dir.is_dir():
+                raise DataDirError(
+                    f"{data_dir} does not exist: create it as the daemon's user first "
+                    "(or start the daemon once)"
+                )
         seed, created = _load_or_create(data_dir)
+        if created:
+            _give_to_directory_owner(key, data_dir)
     except DataDirError as e:
         raise SystemExit(f"anonticket-onion-address: {e}") from None
     if created:
         print(
-            f"created a new onion key in {data_dir / ONION_KEY_FILE}; back it up: "
-            "it is the address",
+            f"created a new onion key in {key}; back it up: it is the address",
             file=sys.stderr,
         )
     print(onion_address(seed))
+
+
+def _give_to_directory_owner(key: Path, data_dir: Path) -> None:
+    """Run as root for a daemon that runs as another user: the key must be that user's."""
+    owner = data_dir.stat()
+    if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+        os.chown(key, owner.st_uid, owner.st_gid, follow_symlinks=False)

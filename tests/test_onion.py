@@ -709,19 +709,37 @@ async def test_a_tor_that_ignores_sigterm_is_killed(
 # -- the admin command ----------------------------------------------------------------------
 
 
-def test_print_address_creates_then_reuses_the_key(
+def test_print_address_never_makes_a_key_unasked(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data_dir = tmp_path / "data"
-    print_address_main(["--data-dir", str(data_dir)])
+    with pytest.raises(SystemExit, match=r"^anonticket-onion-address: no onion key in .*--create"):
+        print_address_main(["--data-dir", str(data_dir)])
+    assert not data_dir.exists()  # neither the key nor the directory was made
+    with pytest.raises(SystemExit, match="does not exist: create it as the daemon's user"):
+        print_address_main(["--data-dir", str(data_dir), "--create"])
+    data_dir.mkdir(mode=0o700)
+    print_address_main(["--data-dir", str(data_dir), "--create"])
     out, err = capsys.readouterr()
     address = out.strip()
     assert address == onion_address((data_dir / "onion.key").read_bytes())
     assert "created a new onion key" in err
-    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
     monkeypatch.setenv("ANONTICKET_DATA_DIR", f"  {data_dir}  ")
     print_address_main([])
     assert capsys.readouterr() == (address + "\n", "")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a key for another user")
+def test_a_key_made_by_root_belongs_to_the_data_directorys_owner(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    os.chown(data_dir, 65534, 65534)  # the daemon's user (nobody here)
+    print_address_main(["--data-dir", str(data_dir), "--create"])
+    info = os.stat(data_dir / "onion.key")
+    assert (info.st_uid, info.st_gid) == (65534, 65534)
+    assert stat.S_IMODE(info.st_mode) == 0o600
 
 
 def test_print_address_bad_key_is_one_line(tmp_path: Path) -> None:
