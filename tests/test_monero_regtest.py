@@ -1,5 +1,6 @@
 """The regtest harness against the genuine monerod / monero-wallet-rpc, and the wallet behaviour a
-payment monitor relies on: pool -> in, confirmations, the height filter, reorgs, digest auth."""
+payment monitor relies on: pool -> in, confirmations, the height filter, reorgs, digest auth;
+two nodes that split, fork and rejoin, and what a double spend between them looks like."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ import pytest
 
 from .monero_regtest import (
     BURN_ADDRESS,
+    A,
     AuthError,
+    B,
     Regtest,
     RPCError,
     WalletRPC,
@@ -253,6 +256,30 @@ def test_reorg_drops_the_transfer(net: Net) -> None:
     assert wait_for(merchant, txid2)["type"] == "pool"
 
 
+def test_view_only_wallet_restore_height_replacement_and_restart(net: Net) -> None:
+    rt, merchant = net.rt, net.merchant
+    _pid, txid = pay(net, XMR)
+    mined_at = rt.mine(1) - 1
+    rt.mine(1)
+    # Restored from the block after the payment's, a view-only wallet never reports it.
+    late = rt.view_only_wallet(merchant, "late-watch", restore_height=mined_at + 1)
+    assert late.height() == rt.daemon_height()
+    assert find(late, txid) is None
+    port, old_pid = late.port, late.pid
+    # Stand-in on the same port: the same keys restored from 0 report it.
+    late.stop()
+    full = rt.view_only_wallet(merchant, "full-watch", port=port)
+    assert full.port == port and full.pid != old_pid
+    assert get(full, txid)["height"] == mined_at
+    # A restart reopens the same wallet file on the same port, refreshed as before.
+    before = full.pid
+    assert rt.restart_wallet(full) is full
+    assert full.pid != before and full.port == port and full.filename == "full-watch"
+    assert full.height() == rt.daemon_height()
+    assert get(full, txid)["height"] == mined_at
+    full.stop()
+
+
 def test_rpc_errors_carry_code_and_message(net: Net) -> None:
     with pytest.raises(RPCError) as err:
         net.merchant.make_integrated_address("ab" * 32)  # long ids are obsolete
@@ -371,3 +398,185 @@ def test_children_die_with_a_killed_test_process(tmp_path: Path) -> None:
             assert os.WIFSIGNALED(status[1]) and os.WTERMSIG(status[1]) == signal.SIGKILL
     finally:
         prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+# -- two nodes ----------------------------------------------------------------------------------
+
+N = 2  # confirmations in the double-spend tests
+
+
+@pytest.fixture(scope="module")
+def two() -> Iterator[Net]:
+    """Two nodes; every wallet talks to node A.  The merchant's wallet looks at the pool, its
+    view-only twin is refreshed only after blocks: one wallet that saw each payment
+    unconfirmed, one that did not."""
+    with Regtest(nodes=2) as rt:
+        payer = rt.wallet("payer")
+        merchant = rt.wallet("merchant")
+        watch = rt.view_only_wallet(merchant, "merchant-watch")
+        rt.fund(payer)
+        yield Net(rt, payer, merchant, watch)
+
+
+def test_two_nodes_split_fork_and_join(two: Net) -> None:
+    rt = two.rt
+    for node in (A, B):
+        info = rt.info(node=node)
+        assert info["offline"] is False and info["nettype"] == "fakechain"
+        peers = rt.connections(node=node)
+        assert peers and {c["host"] for c in peers} == {"127.0.0.1"}
+    assert rt.top_hash(node=A) == rt.top_hash(node=B)
+    # Joined, a block mined on one node is on the other when mine() returns.
+    count = rt.mine(1, node=B)
+    assert rt.daemon_height(node=A) == count and rt.top_hash(node=A) == rt.top_hash(node=B)
+
+    base = rt.split()
+    assert base == count and rt.is_split
+    assert rt.connections(node=A) == [] and rt.connections(node=B) == []
+    assert rt.mine(2, node=A) == base + 2
+    assert rt.mine(3, node=B) == base + 3
+    a_fork, b_top = rt.block_hash(base, node=A), rt.top_hash(node=B)
+    assert a_fork != rt.block_hash(base, node=B)
+    assert rt.daemon_height(node=A) == base + 2  # nothing crossed over
+
+    assert rt.join() == base + 3 and not rt.is_split
+    # A reorganised onto B's longer fork: its own two blocks are gone.
+    assert rt.top_hash(node=A) == b_top
+    assert rt.block_hash(base, node=A) == rt.block_hash(base, node=B) != a_fork
+    assert rt.connections(node=A) and rt.connections(node=B)
+
+
+def test_double_spend_pair_spends_one_output_twice(two: Net) -> None:
+    rt = two.rt
+    address = two.merchant.make_integrated_address(new_payment_id())
+    first = rt.double_spend(two.payer, address)
+    second = rt.double_spend(two.payer, address)
+    for pair in (first, second):
+        assert pair.payment.txid != pair.conflict.txid
+        assert pair.payment.address == address and pair.conflict.address == two.payer.address
+        assert pair.payment.amount > 0 and pair.payment.fee > 0
+        # The same key image (32 bytes of the tx prefix) in both.
+        assert pair.key_image in pair.payment.blob and pair.key_image in pair.conflict.blob
+        # Nothing relayed either: no pool has them, no wallet lists them.
+        for node in (A, B):
+            assert not {pair.payment.txid, pair.conflict.txid} & set(rt.pool_txids(node=node))
+        assert find(two.merchant, pair.payment.txid) is None
+    assert first.key_image != second.key_image  # each call takes an output of its own
+    # Relayed, the first of a pair is accepted and the second refused as a double spend.
+    rt.send_raw_transaction(second.conflict.blob)
+    with pytest.raises(RPCError, match="double_spend"):
+        rt.send_raw_transaction(second.payment.blob)
+    rt.mine(1)
+    assert rt.tx_height(second.conflict.txid) == rt.daemon_height() - 1
+
+
+def test_double_spend_reorg_drops_the_payment(two: Net) -> None:
+    """B's conflicting tx wins by one block; the payment had N confirmations on A."""
+    rt, merchant, watch = two.rt, two.merchant, two.watch
+    pid = new_payment_id()
+    pair = rt.double_spend(two.payer, merchant.make_integrated_address(pid))
+    base = rt.split()
+    rt.send_raw_transaction(pair.payment.blob, node=A)
+    rt.send_raw_transaction(pair.conflict.blob, node=B)
+    assert pair.payment.txid in rt.pool_txids(node=A)
+    assert pair.payment.txid not in rt.pool_txids(node=B)
+    assert pair.conflict.txid not in rt.pool_txids(node=A)
+    assert wait_for(merchant, pair.payment.txid)["type"] == "pool"  # seen unconfirmed
+
+    a_count = rt.confirm(pair.payment.txid, N, node=A)
+    mined_at = rt.tx_height(pair.payment.txid, node=A)
+    assert mined_at == base and a_count == base + N
+    refresh(merchant, watch)
+    for wallet in (merchant, watch):
+        entry = get(wallet, pair.payment.txid)
+        assert (entry["type"], entry["confirmations"], entry["payment_id"]) == ("in", N, pid)
+        assert entry["amount"] == pair.payment.amount
+    # On A the conflicting tx is a double spend now.
+    with pytest.raises(RPCError, match="double_spend"):
+        rt.send_raw_transaction(pair.conflict.blob, node=A)
+
+    rt.confirm(pair.conflict.txid, 1, node=B)
+    b_count = rt.mine(a_count + 1 - rt.daemon_height(node=B), node=B)
+    assert b_count == a_count + 1 and rt.tx_height(pair.conflict.txid, node=B) == base
+    b_top = rt.top_hash(node=B)
+
+    assert rt.join() == b_count
+    assert rt.top_hash(node=A) == b_top
+    assert rt.tx_height(pair.payment.txid, node=A) is None
+    assert rt.tx_height(pair.conflict.txid, node=A) == base
+    # The loser is back in A's pool (and reaches B's), not flagged, and never mined.
+    entry = rt.pool_entry(pair.payment.txid, node=A)
+    assert entry is not None
+    assert entry["kept_by_block"] is True and entry["double_spend_seen"] is False
+    refresh(merchant, watch)
+    # The merchant had seen it in the pool: it lists it nowhere now.  Its view-only twin first
+    # met it mined: it lists it as a pool entry again.
+    assert find(merchant, pair.payment.txid, **{"in": True, "pool": True, "out": True}) is None
+    entry = get(watch, pair.payment.txid)
+    assert (entry["type"], entry["height"], entry["double_spend_seen"]) == ("pool", 0, False)
+    assert "confirmations" not in entry
+    count = rt.mine(2)
+    refresh(merchant, watch)
+    assert rt.tx_height(pair.payment.txid, node=A) is None
+    assert pair.payment.txid in rt.pool_txids(node=A)
+    assert find(merchant, pair.payment.txid) is None
+    assert get(watch, pair.payment.txid)["type"] == "pool"
+    assert watch.height() == count
+    for node in (A, B):
+        rt.flush_txpool(node=node)
+
+
+def test_deep_double_spend_reorg_of_a_payment_never_seen_unconfirmed(two: Net) -> None:
+    """The payment reaches A only mined (mine_unseen); B's conflicting chain is 9 longer."""
+    rt, merchant, watch = two.rt, two.merchant, two.watch
+    pair = rt.double_spend(two.payer, merchant.make_integrated_address(new_payment_id()))
+    base = rt.daemon_height()
+    a_count = rt.mine_unseen([pair.payment.blob], N + 1)
+    assert not rt.is_split and a_count == base + N + 1
+    assert rt.tx_height(pair.payment.txid, node=A) == base
+    assert pair.payment.txid not in rt.pool_txids(node=A)
+    refresh(merchant, watch)
+    for wallet in (merchant, watch):
+        assert get(wallet, pair.payment.txid)["confirmations"] == N + 1
+
+    rt.split()
+    assert rt.pop_blocks(N + 1, node=B) == base  # B alone goes back below the payment
+    assert pair.payment.txid not in rt.pool_txids(node=B)
+    rt.send_raw_transaction(pair.conflict.blob, node=B)
+    rt.confirm(pair.conflict.txid, 1, node=B)
+    b_count = rt.mine(a_count + 9 - rt.daemon_height(node=B), node=B)
+    assert rt.join() == b_count == a_count + 9
+    assert rt.tx_height(pair.payment.txid, node=A) is None
+    assert rt.tx_height(pair.conflict.txid, node=A) == base
+    assert pair.payment.txid in rt.pool_txids(node=A)
+    # The view-only wallet refreshes first: the payment is gone from "in" and listed as a pool
+    # entry with its amount.
+    watch.refresh()
+    entry = get(watch, pair.payment.txid)
+    assert (entry["type"], entry["double_spend_seen"]) == ("pool", False)
+    assert entry["amount"] == pair.payment.amount
+    # The merchant's wallet scans the pool before it refreshes (what a monitor's get_transfers
+    # does when the reorg lands between its refresh and its read): it still lists the payment
+    # as mined, *and* as a pool entry of amount 0 (wallet2 had already received those
+    # outputs); the refresh then drops the mined entry, the amount stays 0.
+    stale = [
+        (e["type"], e["amount"]) for e in merchant.transfers() if e["txid"] == pair.payment.txid
+    ]
+    assert sorted(stale) == [("in", pair.payment.amount), ("pool", 0)]
+    merchant.refresh()
+    entry = get(merchant, pair.payment.txid)
+    assert (entry["type"], entry["amount"], entry["double_spend_seen"]) == ("pool", 0, False)
+    merchant.refresh()
+    assert get(merchant, pair.payment.txid)["amount"] == 0
+    for node in (A, B):
+        rt.flush_txpool(node=node)
+
+
+def test_two_node_stop_leaves_no_process() -> None:
+    with Regtest(nodes=2) as rt:
+        pids, workdir = rt.pids, rt.workdir
+        assert len(pids) == 2 and all(_running(pid) for pid in pids)
+        assert rt.node_log(B).exists() and rt.node_address(A) != rt.node_address(B)
+    for pid in pids:
+        assert not _running(pid), pid
+    assert not workdir.exists()
