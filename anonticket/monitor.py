@@ -133,6 +133,7 @@ def _classify(
     if not any(pid):
         # Wallets put a dummy all-zero id on ordinary payments: anyone could "redeem" it.
         return Skip("no_payment_id")
+    confirmed = False
     if kind == "pool":
         height, status = 0, PaymentStatus.PENDING
     else:
@@ -147,7 +148,7 @@ def _classify(
         status = PaymentStatus.LEGACY
     elif amount < min_amount:
         status = PaymentStatus.DUST
-    return Transfer(txid, major, minor, pid, amount, height, status)
+    return Transfer(txid, major, minor, pid, amount, height, status, confirmed)
 
 
 @dataclass(frozen=True, slots=True)

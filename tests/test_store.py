@@ -645,3 +645,37 @@ def test_a_database_from_before_the_key_check_gets_one(tmp_path):
     s.close()
     conn = sqlite3.connect(tmp_path / "db.sqlite3")
     assert conn.execute("SELECT count(*) FROM store_meta").fetchone()[0] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_credited_transfer_reported_back_in_the_pool_with_amount_0_is_reversed(store):
+    """monero-wallet-rpc reports a transfer it first met mined, once reorganised back into the
+    pool, with amount 0 (dust by its amount): the stored row follows whether it is confirmed,
+    never the report's amount."""
+    await store.record_transfers([transfer(PID.raw, 1, amount=50, height=105)], now=1)
+    await store.record_transfers([transfer(OTHER.raw, 2, amount=40, height=105)], now=1)
+    token = (await store.redeem(PID, 2)).token
+    zero = [
+        transfer(p.raw, n, amount=0, height=0, status=PaymentStatus.DUST)
+        for p, n in ((PID, 1), (OTHER, 2))
+    ]
+    result = await store.record_transfers(zero, now=3, recheck=(100, 110))
+    assert result.reversed == {"claimed": 1, "unclaimed": 1}
+    assert (await store.token_status(token)).status == "suspended"
+    assert isinstance(await store.redeem(OTHER, 4), Pending)
+    # Mined again with its amount: restored, credited, with the amounts first recorded.
+    again = [transfer(p.raw, n, amount=a, height=107) for p, n, a in ((PID, 1, 50), (OTHER, 2, 40))]
+    result = await store.record_transfers(again, now=5)
+    assert result.restored == {"claimed": 1, "unclaimed": 1}
+    assert (await store.redeem(PID, 6)).balance == 50
+    assert (await store.redeem(OTHER, 6)).balance == 40
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_transfer_first_seen_in_the_pool_with_amount_0_is_valued_when_mined(store):
+    await store.record_transfers(
+        [transfer(PID.raw, 1, amount=0, height=0, status=PaymentStatus.DUST)], now=1
+    )
+    assert isinstance(await store.redeem(PID, 2), BelowMinimum)
+    await store.record_transfers([transfer(PID.raw, 1, amount=70, height=107)], now=3)
+    assert (await store.redeem(PID, 4)).balance == 70

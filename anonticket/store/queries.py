@@ -371,10 +371,25 @@ def _rows_for(txn: Txn, d: Dialect, keys: list[Identity]) -> dict[Identity, _Row
 
 
 def _follow(txn: Txn, d: Dialect, row: _Row, t: Transfer, now: int, changes: _Changes) -> None:
-    """Bring one stored row in line with the wallet's new report of it."""
-    confirmed = t.status == PaymentStatus.UNCLAIMED
+    """Bring one stored row in line with the wallet's new report of it.
+
+    A row is money by what is *stored* (its amount and id were judged when it was first seen);
+    the report only says whether it is confirmed now.  Its status from the report's amount or
+    id is ignored: a wallet has reported a credited transfer back in the pool with amount 0
+    (dust, by its amount), which must reverse it, not leave it credited."""
+    confirmed = t.is_confirmed
     was_reversed = row.reversed_at is not None
-    money = row.status in _MONEY and t.status in (PaymentStatus.PENDING, PaymentStatus.UNCLAIMED)
+    if row.status == PaymentStatus.DUST and row.amount == 0 < t.amount:
+        # First seen as a pool entry the wallet could not value (it reports some with amount
+        # 0): judged again, once, by a report that carries the amount.
+        txn.execute(
+            d.sql("UPDATE payments SET amount = ?, status = ?, height = ? WHERE id = ?"),
+            (t.amount, int(t.status), t.height, row.id),
+        )
+        changes.count(changes.changed, t.status)
+        changes.stale_pids.add(row.pid_tag)
+        return
+    money = row.status in _MONEY
     if money and row.status == PaymentStatus.PENDING and confirmed:
         _set(txn, d, row, status=PaymentStatus.UNCLAIMED, height=t.height, reversed_at=None)
         if not was_reversed:

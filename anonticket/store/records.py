@@ -38,6 +38,15 @@ class Transfer:
     amount: int
     height: int  # 0 while in the pool
     status: PaymentStatus
+    # Mined with enough confirmations, whatever the status says: a dust or legacy status comes
+    # from the amount or the id, and a wallet has reported a credited transfer back in the pool
+    # with amount 0 - the stored row follows this, never the report's amount.  None: as the
+    # status says (unclaimed = confirmed).
+    confirmed: bool | None = None
+
+    @property
+    def is_confirmed(self) -> bool:
+        return self.status == PaymentStatus.UNCLAIMED if self.confirmed is None else self.confirmed
 
     def __repr__(self) -> str:
         # Never let a PID or an amount reach a log line through a repr.
