@@ -92,7 +92,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     ),
     Setting(
         "admission-limit",
-        "100",
+        "1000",
         "database operations waiting at which the public site answers 503 overloaded at once "
         "(0: never)",
     ),
@@ -156,7 +156,7 @@ class Config:
     poll_interval: float
     monitor: bool
     answer_cache: int
-    admission_limit: int = 100
+    admission_limit: int = 1000
     tor_cookie_file: Path | None = None
 
     @property

@@ -23,12 +23,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 from typing import TypeVar
 
@@ -448,6 +450,7 @@ class SurgeRow:
     connections: int
     limit: int  # --admission-limit (0: off)
     run: Run
+    probe: dict[int, list[float]]  # the probe's latencies (ms) by HTTP status
 
     @property
     def refused(self) -> int:
@@ -458,38 +461,99 @@ class SurgeRow:
         return self.run.statuses.get("200/success", 0)
 
 
+class Probe(threading.Thread):
+    """One more client beside wrk: first claims one after another on its own connection,
+    timing each answer by its status, so admitted (200) and refused (503) requests get their
+    own latencies (wrk's figures mix them)."""
+
+    def __init__(self, port: int, pids: list[str]) -> None:
+        super().__init__(daemon=True)
+        self._port, self._pids = port, pids
+        self.stop = threading.Event()
+        self.latencies: dict[int, list[float]] = {}
+
+    def run(self) -> None:
+        conn = HTTPConnection("127.0.0.1", self._port, timeout=30)
+        for pid in self._pids:
+            if self.stop.is_set():
+                break
+            body = b'{"pid":"%s"}' % pid.encode()
+            started = time.perf_counter()
+            try:
+                conn.request("POST", "/api/v1/redeem", body, {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+            except (OSError, HTTPException):
+                conn.close()
+                conn = HTTPConnection("127.0.0.1", self._port, timeout=30)
+                continue
+            elapsed = (time.perf_counter() - started) * 1000
+            self.latencies.setdefault(response.status, []).append(elapsed)
+        conn.close()
+
+
 def surge_bench(args: argparse.Namespace, tmp: Path) -> list[SurgeRow]:
     """First claims (every one a database write) at the sustainable load (the highest
-    --connections) and at 10 times it, with admission control at its default and off."""
+    --connections) and at 10 times it, with admission control at its default and off; a probe
+    client beside wrk times admitted and refused answers apart."""
     sustainable = max(args.connections)
-    plan = [(sustainable, 100), (10 * sustainable, 100), (10 * sustainable, 0)]
+    plan = [
+        (sustainable, 1000),
+        (10 * sustainable, 1000),
+        (10 * sustainable, 100),
+        (10 * sustainable, 0),
+    ]
     seconds = (args.warmup + args.duration) * len(plan)
-    listed = min(args.payments, MAX_CLAIMS_PER_SECOND * seconds)
+    reserve = 50_000  # PIDs kept for the probes, from the end of the list
+    listed = min(args.payments, MAX_CLAIMS_PER_SECOND * seconds + reserve)
     seeded = Seeded.make(tmp, "surge", args.payments, args.claimed, listed)
+    unclaimed = (seeded.inputs / "unclaimed.txt").read_text().split()
+    probe_pids = unclaimed[-reserve:]
+    seeded.available -= reserve
     log = tmp / "surge-wrk.log"
     rows = []
-    for conns, limit in plan:
+    for i, (conns, limit) in enumerate(plan):
         say(f"surge: success @ {conns} connections, --admission-limit {limit} ...")
         daemon = Daemon(seeded.data, "--no-monitor", "--admission-limit", str(limit))
         with running(daemon):
-            rows.append(
-                SurgeRow(conns, limit, measure(args, daemon, "success", conns, seeded, log))
-            )
+            share = len(probe_pids) // len(plan)
+            probe = Probe(daemon.public, probe_pids[i * share : (i + 1) * share])
+            probe.start()
+            try:
+                run = measure(args, daemon, "success", conns, seeded, log)
+            finally:
+                probe.stop.set()
+                probe.join(60)
+        rows.append(SurgeRow(conns, limit, run, probe.latencies))
     return rows
 
 
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _latencies(row: SurgeRow, status: int) -> str:
+    values = row.probe.get(status, [])
+    p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
+    return "-" if p50 is None else f"{fmt(p50)} / {fmt(p99)} ({len(values):,})"
+
+
 def report_surge(rows: list[SurgeRow]) -> str:
-    header = ["conns", "admission", "req/s", "admitted/s", "refused %", "p50 ms", "p99 ms"]
-    header += ["other errors"]
+    header = ["conns", "admission", "req/s", "admitted/s", "refused %", "wrk p99 ms"]
+    header += ["probe 200 p50/p99 ms", "probe 503 p50/p99 ms", "other errors"]
     body = []
     for r in rows:
         other = r.run.errors({"200/success", "503/overloaded"})
         total = max(1, sum(r.run.statuses.values()))
         seconds = r.run.sent / r.run.rps if r.run.rps else 1.0
+
         body.append([
             str(r.connections), str(r.limit) if r.limit else "off", fmt(r.run.rps, ",.0f"),
             fmt(r.admitted / seconds, ",.0f"), fmt(100 * r.refused / total, ".1f"),
-            fmt(r.run.p50_ms), fmt(r.run.p99_ms), str(other),
+            fmt(r.run.p99_ms), _latencies(r, 200), _latencies(r, 503), str(other),
         ])  # fmt: skip
     return table(header, body)
 
