@@ -234,7 +234,7 @@ async def _exchange(
         raise ClientError(f"the server's answer exceeds {limit} KiB; gave up") from None
 
 
-def _describe(exc: BaseException) -> str:
+def _network_error_text(exc: BaseException) -> str:
     # Agent wraps the real cause in ResponseNeverReceived/ResponseFailed([Failure, ...]).
     reasons = getattr(exc, "reasons", None)
     if reasons and isinstance(reasons[0], Failure) and reasons[0].value is not None:
@@ -265,7 +265,7 @@ async def fetch(
         if isinstance(exc, ClientError):
             raise
         via = f" through {_printable(args.socks)}" if args.socks else ""
-        raise ClientError(f"cannot reach {args.url}{via}: {_describe(exc)}") from None
+        raise ClientError(f"cannot reach {args.url}{via}: {_network_error_text(exc)}") from None
     try:
         text = raw.decode("utf-8")
         body = json.loads(text)

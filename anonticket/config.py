@@ -167,7 +167,7 @@ class Config:
         return None
 
 
-def _int(name: str, value: str | None, minimum: int, maximum: int = 2**63 - 1) -> int:
+def _bounded_int(name: str, value: str | None, minimum: int, maximum: int = 2**63 - 1) -> int:
     assert value is not None
     try:
         number = int(value, 10)
@@ -250,15 +250,17 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         wallet_rpc=parse("wallet-rpc", _wallet_url),
         wallet_rpc_login=parse("wallet-rpc-login", _login),
         min_confirmations=parse(
-            "min-confirmations", lambda x: _int("min-confirmations", x, 1, 1_000_000)
+            "min-confirmations", lambda x: _bounded_int("min-confirmations", x, 1, 1_000_000)
         ),
-        min_amount=parse("min-amount", lambda x: _int("min-amount", x, 1)),
-        start_height=parse("start-height", lambda x: _int("start-height", x, 0, 2**40)),
+        min_amount=parse("min-amount", lambda x: _bounded_int("min-amount", x, 1)),
+        start_height=parse("start-height", lambda x: _bounded_int("start-height", x, 0, 2**40)),
         poll_interval=parse("poll-interval", _poll_interval),
         monitor=not v["no-monitor"],
-        answer_cache=parse("answer-cache", lambda x: _int("answer-cache", x, 0, 10_000_000)),
+        answer_cache=parse(
+            "answer-cache", lambda x: _bounded_int("answer-cache", x, 0, 10_000_000)
+        ),
         admission_limit=parse(
-            "admission-limit", lambda x: _int("admission-limit", x, 0, 1_000_000)
+            "admission-limit", lambda x: _bounded_int("admission-limit", x, 0, 1_000_000)
         ),
     )
     if errors:

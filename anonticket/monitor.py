@@ -98,7 +98,7 @@ def classify(
         return Skip("malformed")
 
 
-def _int(value: Any) -> int:
+def _non_negative(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError("not a non-negative integer")
     return value
@@ -121,11 +121,11 @@ def _classify(
         return Skip("malformed")
     if entry.get("double_spend_seen"):
         return Skip("double_spend")
-    if _int(entry.get("unlock_time", 0)) != 0:
+    if _non_negative(entry.get("unlock_time", 0)) != 0:
         return Skip("locked")
     sub = entry.get("subaddr_index") or {}
-    major, minor = _int(sub.get("major", 0)), _int(sub.get("minor", 0))
-    amount = _int(entry["amount"])
+    major, minor = _non_negative(sub.get("major", 0)), _non_negative(sub.get("minor", 0))
+    amount = _non_negative(entry["amount"])
     pid_text = entry.get("payment_id", "")
     if not isinstance(pid_text, str) or len(pid_text) not in (16, 64):
         return Skip("malformed")
@@ -137,7 +137,7 @@ def _classify(
     if kind == "pool":
         height, status = 0, PaymentStatus.PENDING
     else:
-        height = _int(entry["height"])
+        height = _non_negative(entry["height"])
         if height == 0 or height > ceiling:
             return Skip("malformed")
         # Above the trusted height (read ahead of it) is not confirmed yet.

@@ -223,7 +223,7 @@ class DescriptorWatch:
             self.uploaded.callback(None)
 
 
-def _describe(error: BaseException) -> str:
+def _tor_error_text(error: BaseException) -> str:
     """One line for the log about a failed tor step, with any key material scrubbed
     (txtorcon puts the whole pending command, key included, into its disconnect errors)."""
     if isinstance(error, defer.TimeoutError):
@@ -470,7 +470,9 @@ class OnionService(Service):
             except defer.CancelledError:
                 return
             except Exception as e:
-                log.error("onion service: could not {step}: {error}", step=step, error=_describe(e))
+                log.error(
+                    "onion service: could not {step}: {error}", step=step, error=_tor_error_text(e)
+                )
             self._metrics.onion_state.state("failed")
             try:
                 await self._close_session(remove=False)
@@ -641,7 +643,7 @@ class OnionService(Service):
         except defer.CancelledError:
             raise
         except Exception as e:
-            raise OnionError(f"ADD_ONION failed: {_describe(e)}") from None
+            raise OnionError(f"ADD_ONION failed: {_tor_error_text(e)}") from None
         session.service_id = parse_service_id(reply)
         if session.service_id != self._service_id:
             raise OnionError(f"tor created {session.service_id}.onion, not {self.address}")
@@ -729,7 +731,7 @@ class OnionService(Service):
                     raise
                 except Exception as e:
                     # Hanging up below removes it anyway: it is tied to this connection.
-                    log.warn("onion service: DEL_ONION failed: {error}", error=_describe(e))
+                    log.warn("onion service: DEL_ONION failed: {error}", error=_tor_error_text(e))
             with contextlib.suppress(Exception):
                 await protocol.quit().addTimeout(t.stop, clock)
             if session.connected and protocol.transport is not None:

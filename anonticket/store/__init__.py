@@ -317,9 +317,6 @@ class Store:
     def monitor_state(self) -> Deferred[MonitorState]:
         return self._run(queries.monitor_state)
 
-    def ping(self) -> Deferred[bool]:
-        return self._run(queries.ping)
-
 
 def migrate(dialect: Dialect) -> int:
     """Bring the schema up to date; each migration once, in order, in its own transaction."""

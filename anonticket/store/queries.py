@@ -522,7 +522,3 @@ def token_changes_since(
         (after, limit),
     ).fetchall()
     return [(int(seq), bytes(tag), bytes(pid_tag)) for seq, tag, pid_tag in rows]
-
-
-def ping(txn: Txn, d: Dialect) -> bool:
-    return txn.execute("SELECT 1").fetchone() is not None

@@ -89,7 +89,7 @@ class SiteService(Service):
             # arguments ("interface=127.0.0.1:interface=0.0.0.0"): the bound address decides.
             result.stopListening()
             raise StartupError(
-                f"--{self._option}: {self._description!r} listens on {_describe(host)}, "
+                f"--{self._option}: {self._description!r} listens on {_address_text(host)}, "
                 "not on a loopback address or a unix socket; refusing to expose the site"
             )
         self.port = result
@@ -109,7 +109,7 @@ class SiteService(Service):
         log.info(
             "{site} site listening on {address}, at most {cap} connections",
             site=self.site.name,
-            address=_describe(host),
+            address=_address_text(host),
             cap=cap,
         )
         super().startService()
@@ -207,7 +207,7 @@ def _keep_addresses_out_of_accept_log(port: IListeningPort, site: PrivacySite) -
         )
 
 
-def _describe(host: Any) -> str:
+def _address_text(host: Any) -> str:
     if hasattr(host, "port"):
         return f"{host.host}:{host.port}"
     name = getattr(host, "name", host)  # a UNIX address: the socket path, as bytes
