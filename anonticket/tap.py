@@ -64,7 +64,12 @@ def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> Anont
     metrics = metrics if metrics is not None else Metrics()
     root = AnonticketService()
     store = Store(
-        reactor, config.database, config.data_dir, config.answer_cache, config.admission_limit
+        reactor,
+        config.database,
+        config.data_dir,
+        config.answer_cache,
+        config.admission_limit,
+        negative_hit=metrics.negative_cache_hits.inc,
     )
     StoreService(store, reactor).setServiceParent(root)
     # Read when scraped: sizes, not per-request counts (a counter per hit would cost every hit).

@@ -26,10 +26,11 @@ from anonticket.store.changes import NumberedRows
 from anonticket.store.dialect import DatabaseError, Dialect, dialect_for
 from anonticket.store.keycheck import open_key
 from anonticket.store.known import KnownTags
+from anonticket.store.negcache import NegativeCache
 from anonticket.store.records import (
     MonitorState,
     NotFound,
-    PaymentStatus,
+    Overloaded,
     RecordResult,
     Redeemed,
     RedeemResult,
@@ -57,6 +58,7 @@ class Store:
         data_dir: Path,
         answer_cache: int = DEFAULT_SIZE,
         admission_limit: int = 0,
+        negative_hit: Callable[[], None] | None = None,
     ) -> None:
         self._reactor = reactor
         self._clock = cast(IReactorTime, reactor)  # the reactor is both
@@ -75,9 +77,10 @@ class Store:
         # One bytes value per PID (first txid, token status, signed balance): ~180 bytes an
         # entry with its key, against 260 for a tuple.
         self.redeem_answers: AnswerCache[bytes] = AnswerCache(self._clock, answer_cache)
-        # Called with each PID the monitor records as payable, after its batch commits, so a
-        # negative cache never hides a payment that has just been seen.
-        self.payment_listeners: list[Callable[[PaymentId], None]] = []
+        # Unknown PIDs the known-PID filter let through (a false positive) and the database did
+        # not know, for half a second; ``negative_hit`` counts each answer it gives.
+        self.unknown = NegativeCache(self._clock)
+        self._negative_hit = negative_hit or (lambda: None)
         self._redeem_streams: dict[str, float] = {}  # see _redeem_synced
         # Surge admission: with this many operations waiting on the database, a public request
         # that needs it is refused at once (0: never).  See overloaded().
@@ -152,17 +155,20 @@ class Store:
 
     def redeem(self, pid: PaymentId, now: int) -> Deferred[RedeemResult]:
         answer = self.redeem_answer(pid, now)
-        assert answer is not None  # only refused with admit=True
+        assert not isinstance(answer, Overloaded)  # only refused with admit=True
         return answer if isinstance(answer, Deferred) else succeed(answer)
 
     def redeem_answer(
         self, pid: PaymentId, now: int, *, admit: bool = False
-    ) -> RedeemResult | Deferred[RedeemResult] | None:
+    ) -> RedeemResult | Overloaded | Deferred[RedeemResult]:
         """The redeem's answer now, when memory has it; else a Deferred of the database's; or,
-        with ``admit``, None when the database is :meth:`overloaded`."""
+        with ``admit``, :class:`Overloaded` when the database is :meth:`overloaded`."""
         pid_tag = self.tagger.pid_tag(pid.raw)
         if self._known is not None and pid_tag not in self._known:
             # No payment was ever recorded for this PID: no need to ask the database.
+            return NotFound()
+        if pid_tag in self.unknown:
+            self._negative_hit()
             return NotFound()
         settled = self.redeem_answers.get(pid_tag)
         if settled is not None:
@@ -172,12 +178,16 @@ class Store:
             balance = int.from_bytes(settled[33:], "big", signed=True)
             return Redeemed(token, balance, False, token_status=_STATUSES[settled[32]])
         if admit and self.overloaded():
-            return None
+            return Overloaded()
         ticket = self.redeem_answers.ticket()
         d = self._run(queries.redeem, self.tagger, pid, pid_tag, now)
 
         def done(outcome: tuple[RedeemResult, bytes | None]) -> RedeemResult:
             result, settled_txid = outcome
+            if isinstance(result, NotFound) and ticket == self.redeem_answers.ticket():
+                # The filter let it through (a false positive): spare the database a repeat,
+                # unless a payment was recorded meanwhile (the ticket moved).
+                self.unknown.add(pid_tag)
             if isinstance(result, Redeemed):
                 if result.topped_up:
                     self.token_answers.invalidate([self.tagger.token_tag(result.token.raw)])
@@ -213,6 +223,7 @@ class Store:
             fresh = self._payments.fresh(rows)
             for tag in fresh:
                 known.add(tag)
+                self.unknown.discard(tag)
             if fresh:
                 self.redeem_answers.invalidate(fresh)
             if len(rows) < _SYNC_PAGE:  # a full page: more to read before we are in step
@@ -253,6 +264,27 @@ class Store:
         if tag is None:
             tag = self.tagger.token_tag(token.raw)
         return self._run(queries.token_status, tag)
+
+    def token_answer(
+        self, token: ServiceToken, *, admit: bool = False
+    ) -> TokenRecord | Overloaded | Deferred[TokenRecord | None]:
+        """The token's record now, when the token answers have it (a token checked recently
+        and unchanged since); else a Deferred of the database's (None: unknown), kept for the
+        next check; or, with ``admit``, :class:`Overloaded`."""
+        tag = self.tagger.token_tag(token.raw)
+        cached: TokenRecord | None = self.token_answers.get(tag)
+        if cached is not None:
+            return cached
+        if admit and self.overloaded():
+            return Overloaded()
+        ticket = self.token_answers.ticket()
+
+        def keep(record: TokenRecord | None) -> TokenRecord | None:
+            if record is not None:
+                self.token_answers.put(tag, record, ticket)
+            return record
+
+        return self._run(queries.token_status, tag).addCallback(keep)
 
     def revoke(
         self, token: ServiceToken, reason: str | None, abuse_score: int | None, now: int
@@ -297,18 +329,14 @@ class Store:
         )
 
         def notify(result: RecordResult) -> RecordResult:
-            if self._known is not None:
-                for tag in result.stale_pids:
+            for tag in result.stale_pids:
+                if self._known is not None:
                     self._known.add(tag)
+                self.unknown.discard(tag)
             if result.stale_pids:
                 self.redeem_answers.invalidate(result.stale_pids)
             if result.stale_tokens:
                 self.token_answers.invalidate(result.stale_tokens)
-            for t in transfers:
-                if t.status in (PaymentStatus.PENDING, PaymentStatus.UNCLAIMED):
-                    pid = PaymentId(t.pid)
-                    for listener in self.payment_listeners:
-                        listener(pid)
             return result
 
         d.addCallback(notify)

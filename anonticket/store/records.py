@@ -81,6 +81,11 @@ class NotFound:
 RedeemResult = Redeemed | Pending | BelowMinimum | NotFound
 
 
+@dataclass(frozen=True, slots=True)
+class Overloaded:
+    """Not asked: too many operations wait on the database (``--admission-limit``)."""
+
+
 def status_of(balance: int, revoked: bool, reversed_amount: int) -> str:
     """``revoked``; ``suspended`` while a reversal has taken the balance to zero or below
     (until the money is back, or a payment covers it); else ``active``."""

@@ -16,11 +16,11 @@ from twisted.web.iweb import IRequest
 
 from anonticket.domain import PaymentId, ServiceToken
 from anonticket.metrics import Metrics, Outcomes
-from anonticket.negcache import NegativeCache
 from anonticket.store import Store
 from anonticket.store.records import (
     BelowMinimum,
     NotFound,
+    Overloaded,
     Pending,
     Redeemed,
     RedeemResult,
@@ -92,14 +92,11 @@ class PublicAPI:
         metrics: Metrics,
         clock: IReactorTime,
         min_confirmations: int,
-        negative_cache: NegativeCache | None = None,
     ) -> None:
         self._store = store
         self._metrics = metrics
         self._clock = clock
         self._min_confirmations = min_confirmations
-        self._unknown = negative_cache if negative_cache is not None else NegativeCache(clock)
-        store.payment_listeners.append(self._unknown.discard)
 
     @app.route("/api/v1/redeem", methods=["POST"])
     def redeem(self, request: IRequest) -> bytes | Deferred[bytes]:
@@ -112,27 +109,18 @@ class PublicAPI:
         except Exception:
             self._metrics.redeem_outcomes.count("invalid")
             raise
-        if pid in self._unknown:
-            self._metrics.negative_cache_hits.inc()
-            return self._redeem_response(request, NotFound())
         answer = self._store.redeem_answer(pid, self._now(), admit=True)
-        if answer is None:
+        if isinstance(answer, Overloaded):
             return overloaded(request, self._metrics.redeem_outcomes)
         if isinstance(answer, Deferred):
             # Callbacks, not a coroutine: on this path for every first claim.
             return store_answer(self._metrics, "redeem", answer).addCallbacks(
-                self._redeem_stored,
+                self._redeem_response,
                 self._store_failed,
-                callbackArgs=(request, pid),
+                callbackArgs=(request,),
                 errbackArgs=(self._metrics.redeem_outcomes,),
             )
-        return self._redeem_response(request, answer)
-
-    def _redeem_stored(self, result: RedeemResult, request: IRequest, pid: PaymentId) -> bytes:
-        if isinstance(result, NotFound):
-            # The PID filter let it through (a false positive): spare the database a repeat.
-            self._unknown.add(pid)
-        return self._redeem_response(request, result)
+        return self._redeem_response(answer, request)
 
     @staticmethod
     def _store_failed(failure: Failure, outcomes: Outcomes) -> Failure:
@@ -140,7 +128,7 @@ class PublicAPI:
             outcomes.count("error")
         return failure
 
-    def _redeem_response(self, request: IRequest, result: RedeemResult) -> bytes:
+    def _redeem_response(self, result: RedeemResult, request: IRequest) -> bytes:
         outcomes = self._metrics.redeem_outcomes
         match result:
             case Redeemed(
@@ -186,42 +174,34 @@ class PublicAPI:
     @app.route("/api/v1/token/<string:token>", methods=["GET"])
     def token(self, request: IRequest, token: str) -> bytes | Deferred[bytes]:
         # A plain function, not a coroutine: a token checked recently is answered from the
-        # store's token answers without a Deferred or a trip to the database thread.
+        # store's memory without a Deferred or a trip to the database thread.
         set_route(request, "token")
         try:
             parsed = ServiceToken.parse(token)
         except Exception:
             self._metrics.lookup_outcomes.count("invalid")
             raise
-        tag = self._store.tagger.token_tag(parsed.raw)
-        cached: tuple[str, bytes] | None = self._store.token_answers.get(tag)
-        if cached is not None:
-            status, body = cached
-            self._metrics.lookup_outcomes.count(status)
-            return respond_body(request, body)
-        if self._store.overloaded():
+        answer = self._store.token_answer(parsed, admit=True)
+        if isinstance(answer, Overloaded):
             return overloaded(request, self._metrics.lookup_outcomes)
-        ticket = self._store.token_answers.ticket()
-        looked_up = self._store.token_status(parsed, tag=tag)
-        return store_answer(self._metrics, "token_status", looked_up).addCallbacks(
-            self._token_stored,
-            self._store_failed,
-            callbackArgs=(request, tag, ticket),
-            errbackArgs=(self._metrics.lookup_outcomes,),
-        )
+        if isinstance(answer, Deferred):
+            # Callbacks, not a coroutine: the same path for a cached and a stored record.
+            return store_answer(self._metrics, "token_status", answer).addCallbacks(
+                self._token_response,
+                self._store_failed,
+                callbackArgs=(request,),
+                errbackArgs=(self._metrics.lookup_outcomes,),
+            )
+        return self._token_response(answer, request)
 
-    def _token_stored(
-        self, record: TokenRecord | None, request: IRequest, tag: bytes, ticket: int
-    ) -> bytes:
+    def _token_response(self, record: TokenRecord | None, request: IRequest) -> bytes:
         lookups = self._metrics.lookup_outcomes
         if record is None:
             lookups.count("not_found")
             return respond_error(request, token_not_found())
         view = token_view(record)
-        body = json_body(view)
-        self._store.token_answers.put(tag, (view["status"], body), ticket)
         lookups.count(view["status"])
-        return respond_body(request, body)
+        return respond_body(request, json_body(view))
 
     def _now(self) -> int:
         return int(self._clock.seconds())
