@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from io import BytesIO
 from typing import Any, Final, NoReturn, TypeVar, cast
 
@@ -723,7 +722,12 @@ class PrivacySite(server.Site):
 
 def store_answer(metrics: Metrics, operation: str, d: Deferred[T]) -> Deferred[T]:
     """``d`` (a store operation's result) with a failure turned into one log line, a metric and
-    ApiError 503 for the client."""
+    ApiError 503 for the client: the one place a store failure becomes an HTTP answer.
+
+    The async rule of the web layer: handlers on the measured hot paths (the public redeem and
+    token check) are plain functions that return bytes when memory answers and chain callbacks
+    on this Deferred otherwise (no coroutine, no exception on the fast path); every other
+    handler is ``async def`` and awaits this."""
 
     def failed(failure: Failure) -> Failure:
         if failure.check(CancelledError):
@@ -750,8 +754,3 @@ def store_answer(metrics: Metrics, operation: str, d: Deferred[T]) -> Deferred[T
         )
 
     return d.addErrback(failed)
-
-
-async def store_call(metrics: Metrics, operation: str, call: Callable[[], Deferred[Any]]) -> Any:
-    """Run a store operation; a failure becomes one log line, a metric and a 503 for the client."""
-    return await store_answer(metrics, operation, call())

@@ -23,7 +23,7 @@ from anonticket.web.http import (
     read_json_object,
     respond,
     set_route,
-    store_call,
+    store_answer,
 )
 from anonticket.web.public import rfc3339, token_not_found, token_view
 
@@ -127,8 +127,8 @@ class InternalAPI:
             raise
         now = int(self._clock.seconds())
         try:
-            result = await store_call(
-                self._metrics, "revoke", lambda: self._store.revoke(parsed, reason, score, now)
+            result = await store_answer(
+                self._metrics, "revoke", self._store.revoke(parsed, reason, score, now)
             )
         except ApiError:
             outcomes.count("error")
@@ -146,7 +146,7 @@ class InternalAPI:
         problems: list[str] = []
         state = MonitorState(cursor=None, wallet_height=None)
         try:
-            state = await store_call(self._metrics, "monitor_state", self._store.monitor_state)
+            state = await store_answer(self._metrics, "monitor_state", self._store.monitor_state())
         except ApiError:
             problems.append("store is not answering")
         body: dict[str, Any] = {
