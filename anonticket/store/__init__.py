@@ -73,7 +73,7 @@ class Store:
         self._token_changes = NumberedRows()  # tokens.changed_seq applied to token_answers
         # Answers to repeated token checks and redeems (see answercache.py), kept in step with
         # every payment, top-up and revoke, here and on other nodes.
-        self.token_answers: AnswerCache[Any] = AnswerCache(self._clock, answer_cache)
+        self.token_answers: AnswerCache[TokenRecord] = AnswerCache(self._clock, answer_cache)
         # One bytes value per PID (first txid, token status, signed balance): ~180 bytes an
         # entry with its key, against 260 for a tuple.
         self.redeem_answers: AnswerCache[bytes] = AnswerCache(self._clock, answer_cache)

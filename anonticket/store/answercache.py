@@ -6,14 +6,14 @@ PID).  The trip to the pool thread costs more than the rest of such a request, a
 reactor thread is busy the pool thread waits for the GIL on every SQLite call.  The store keeps
 two of these caches, keyed by *tags* (never a PID or a token):
 
-* ``token_answers``: per token tag, what the public site rendered for it.  A top-up or a revoke
-  through this process evicts the token when its transaction commits; every top-up and revoke
-  on any node stamps the token row with the next ``changed_seq``, and the store's sync loop
-  evicts the tokens stamped since its last read.
-* ``redeem_answers``: per PID tag, the first txid and balance of a PID whose every payment is
-  claimed (or never redeemable): its redeem answer changes only when a new payment to it is
-  recorded.  Recording one here evicts the PID at once; the sync loop evicts the PIDs of payment
-  rows other nodes' monitors added.
+* ``token_answers``: per token tag, its record (:meth:`Store.token_answer`).  A top-up, revoke,
+  reversal or restoration through this process evicts the token when its transaction commits;
+  every one on any node stamps the token row with the next ``changed_seq``, and the store's sync
+  loop evicts the tokens stamped since its last read.
+* ``redeem_answers``: per PID tag, the first txid, token status and balance of a PID whose
+  every payment is claimed (or never redeemable): its redeem answer changes only with a new
+  payment to it or a change of its token.  Recording one here evicts the PID at once; the sync
+  loop evicts the PIDs of payment rows other nodes' monitors added and of changed tokens.
 
 For both: an answer read from the database is stored only if nothing was evicted while it was
 read (a *ticket* taken before the read), so a read that raced a change never refills the cache
