@@ -219,15 +219,14 @@ class Store:
             return d.addCallback(rebuilt)
         d2 = self._run(queries.payment_tags_since, self._payments.since, _SYNC_PAGE)
 
-        def add(rows: list[tuple[int, bytes]]) -> None:
-            fresh = self._payments.fresh(rows)
-            for tag in fresh:
+        def evict(tags: list[bytes]) -> None:
+            for tag in tags:
                 known.add(tag)
                 self.unknown.discard(tag)
-            if fresh:
-                self.redeem_answers.invalidate(fresh)
-            if len(rows) < _SYNC_PAGE:  # a full page: more to read before we are in step
-                self._redeem_synced("payments", as_of)
+            self.redeem_answers.invalidate(tags)
+
+        def add(rows: list[tuple[int, bytes]]) -> None:
+            _apply(rows, self._payments, evict, lambda: self._redeem_synced("payments", as_of))
 
         return d2.addCallback(add)
 
@@ -246,14 +245,17 @@ class Store:
         as_of = self._clock.seconds()
         d = self._run(queries.token_changes_since, self._token_changes.since, _SYNC_PAGE)
 
+        def evict(changed: list[tuple[bytes, bytes]]) -> None:
+            self.token_answers.invalidate([tag for tag, _ in changed])
+            self.redeem_answers.invalidate([pid for _, pid in changed])
+
+        def synced() -> None:
+            self.token_answers.synced(as_of)
+            self._redeem_synced("tokens", as_of)
+
         def apply(rows: list[tuple[int, bytes, bytes]]) -> None:
-            fresh = self._token_changes.fresh([(seq, (tag, pid)) for seq, tag, pid in rows])
-            if fresh:
-                self.token_answers.invalidate([tag for tag, _ in fresh])
-                self.redeem_answers.invalidate([pid for _, pid in fresh])
-            if len(rows) < _SYNC_PAGE:  # a full page: more to read before we are in step
-                self.token_answers.synced(as_of)
-                self._redeem_synced("tokens", as_of)
+            pairs = [(seq, (tag, pid)) for seq, tag, pid in rows]
+            _apply(pairs, self._token_changes, evict, synced)
 
         return d.addCallback(apply)
 
@@ -344,6 +346,21 @@ class Store:
 
     def monitor_state(self) -> Deferred[MonitorState]:
         return self._run(queries.monitor_state)
+
+
+def _apply(
+    rows: list[tuple[int, T]],
+    numbered: NumberedRows,
+    evict: Callable[[list[T]], None],
+    synced: Callable[[], None],
+) -> None:
+    """Apply one page of a sync read: evict what the rows not seen before carry and, unless the
+    page was full (more to read), mark the answers in step."""
+    fresh = numbered.fresh(rows)
+    if fresh:
+        evict(fresh)
+    if len(rows) < _SYNC_PAGE:
+        synced()
 
 
 def migrate(dialect: Dialect) -> int:
