@@ -20,6 +20,7 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.python import usage
 
 from anonticket.store.answercache import DEFAULT_SIZE as DEFAULT_ANSWER_CACHE
+from anonticket.web.mtls import endpoint_arguments, parse_ssl
 
 T = TypeVar("T")
 
@@ -53,7 +54,8 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting(
         "internal",
         "tcp:9180:interface=127.0.0.1",
-        "endpoint of the internal site (metrics, revoke): loopback tcp or unix only",
+        "endpoint of the internal site (metrics, revoke): loopback tcp or unix, or ssl with "
+        "client certificates required (caCertsDir=DIR) on any interface",
     ),
     Setting(
         "tor-control",
@@ -279,29 +281,10 @@ def _endpoint_parts(name: str, description: str) -> tuple[list[str], dict[str, s
     """The positional and keyword arguments of a Twisted endpoint string, read as Twisted reads
     them (backslash escapes).  A repeated keyword is refused: Twisted takes the last value, so a
     check that read another one (``interface=127.0.0.1:interface=0.0.0.0``) would be beaten."""
-    parts: list[str] = []
-    current: list[str] = []
-    chars = iter(description)
-    for c in chars:
-        if c == "\\":
-            current.append(next(chars, ""))
-        elif c == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(c)
-    parts.append("".join(current))
-    positional: list[str] = []
-    keywords: dict[str, str] = {}
-    for part in parts[1:]:
-        key, sep, value = part.partition("=")
-        if not sep:
-            positional.append(part)
-        elif key in keywords:
-            raise ConfigError(f"--{name}: {key}= is given more than once")
-        else:
-            keywords[key] = value
-    return positional, keywords
+    try:
+        return endpoint_arguments(description)
+    except ValueError as e:
+        raise ConfigError(f"--{name}: {e}") from None
 
 
 def _twisted_parses(name: str, description: str, *, server: bool) -> None:
@@ -408,16 +391,41 @@ def check_tor_control(description: str | None) -> str | None:
     )
 
 
+def _is_loopback(interface: str) -> bool:
+    try:
+        return ipaddress.ip_address(interface.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def check_internal_endpoint(description: str) -> str:
-    """The internal site (metrics, revocation) must never be reachable from another host."""
+    """The internal site (metrics, revocation) is reachable from another host only over mutual
+    TLS: an ``ssl:`` endpoint with ``caCertsDir=`` (see :mod:`anonticket.web.mtls`)."""
     kind = _endpoint_kind("internal", description)
     if kind == "unix":
         _endpoint_parts("internal", description)
         _twisted_parses("internal", description, server=True)
         return _owner_only(description)
+    if kind == "ssl":
+        _endpoint_parts("internal", description)
+        try:
+            tls = parse_ssl(description)
+        except ValueError as e:
+            raise ConfigError(f"--internal: bad endpoint {description!r}: {e}") from None
+        assert tls is not None
+        # TLS without client certificates on loopback is no worse than plain tcp there; off
+        # loopback, only a client certificate keeps other hosts out.  The files are read at
+        # start (SiteService), after twistd has switched to the daemon's user.
+        if not tls.mutual and not _is_loopback(tls.interface):
+            raise ConfigError(
+                "--internal: an ssl: endpoint off loopback must require client certificates: "
+                "add caCertsDir=DIR (the CA certificates whose clients are accepted)"
+            )
+        return description
     if kind not in ("tcp", "tcp6"):
         raise ConfigError(
-            f"--internal: must be a loopback tcp: endpoint or a unix: socket, got {kind!r}"
+            "--internal: must be a loopback tcp: endpoint, a unix: socket or an ssl: endpoint "
+            f"with caCertsDir=, got {kind!r}"
         )
     _, keywords = _endpoint_parts("internal", description)
     interface = keywords.get("interface")
@@ -426,11 +434,7 @@ def check_internal_endpoint(description: str) -> str:
             "--internal: tcp endpoints listen on every interface unless given "
             "interface=127.0.0.1 (or ::1); refusing to expose the internal site"
         )
-    try:
-        loopback = ipaddress.ip_address(interface.strip("[]")).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not _is_loopback(interface):
         raise ConfigError(f"--internal: interface {interface!r} is not a loopback address")
     _twisted_parses("internal", description, server=True)
     return description

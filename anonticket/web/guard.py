@@ -13,6 +13,21 @@ Two separate concerns:
   read ``/metrics``.  Browsers cannot forge ``Host``, ``Origin`` or ``Sec-Fetch-Site``, so the
   guard refuses a request whose ``Host`` is not one of the site's own names and any request a
   browser marks as coming from another site.
+
+  Served over mutual TLS (off this machine, :mod:`anonticket.web.mtls`), the site accepts any
+  well-formed ``Host`` and keeps the browser checks.  The ``Host`` check stops DNS rebinding, and
+  over TLS rebinding cannot get that far: the browser checks the server's certificate against
+  the name it thinks it is talking to (the attacker's), and the site's certificate is not for
+  that name, so the handshake fails and a script cannot click through it.  Whatever else
+  completes the handshake proved a certificate of a configured CA: it is an authorised client,
+  free to send any ``Host`` anyway.  The check would only refuse such clients for naming the
+  site by a name or address the daemon cannot know (one in its certificate, a load balancer's,
+  a NAT's).  Cross-site requests are another matter: a client certificate is an ambient
+  credential like a cookie, and a browser that holds one (an operator who imported it to read
+  ``/metrics``) presents it for any page's form POST or fetch to the site, perhaps after asking,
+  perhaps silently under an auto-select policy.  Those requests carry ``Origin`` or
+  ``Sec-Fetch-Site``, so that check stays.  TLS *without* client certificates (allowed only on
+  loopback) proves nothing about the client and keeps the ``Host`` check.
 """
 
 from __future__ import annotations
@@ -73,11 +88,19 @@ class BrowserGuard:
         site is bound to, in ``Host`` form); any port is accepted, so a tunnel to another local
         port still works.
     :param unix: the site listens on a unix socket, where a request may omit ``Host``.
+    :param clients_authenticated: every connection proved a client certificate (mutual TLS):
+        any well-formed ``Host`` is accepted (see the module docstring).
     """
 
-    def __init__(self, names: frozenset[bytes] = frozenset(), unix: bool = False) -> None:
+    def __init__(
+        self,
+        names: frozenset[bytes] = frozenset(),
+        unix: bool = False,
+        clients_authenticated: bool = False,
+    ) -> None:
         self.names = LOOPBACK_NAMES | names
         self.unix = unix
+        self.clients_authenticated = clients_authenticated
 
     def refusal(self, request: IRequest) -> tuple[str, str] | None:
         """``(code, message)`` if the request must be refused, else None."""
@@ -90,7 +113,7 @@ class BrowserGuard:
                 return "forbidden_host", "a Host header is required"
         else:
             parts = split_host(hosts[0])
-            if parts is None or parts[0] not in self.names:
+            if parts is None or not (self.clients_authenticated or parts[0] in self.names):
                 return "forbidden_host", "Host is not this site's own address"
         origins = headers.getRawHeaders(b"origin") or []
         if len(origins) > 1:

@@ -1,8 +1,9 @@
 """One Service per listening site: listen on start, drain and close on stop.
 
 On start it also checks where the site really listens (the internal site must be on loopback
-or a unix socket, whatever the endpoint string seemed to say), fits the site's connection cap
-to the open-file limit, and keeps client addresses out of what Twisted logs when accepting.
+or a unix socket, whatever the endpoint string seemed to say, unless it is served over mutual
+TLS: see :mod:`anonticket.web.mtls`), fits the site's connection cap to the open-file limit, and
+keeps client addresses out of what Twisted logs when accepting.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from anonticket import limits
 from anonticket.web.http import PrivacySite
+from anonticket.web.mtls import TLSServerEndpoint, TLSSetupError, parse_ssl
 
 DRAIN_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 2.0
@@ -51,7 +53,8 @@ class SiteService(Service):
     ) -> None:
         """:param require_loopback: refuse to run unless the bound address is loopback or a unix
         socket (default: for the internal site, which has no authentication of its own).  An
-        endpoint that authenticates its clients (TLS with client certificates) may turn it off.
+        ``ssl:`` endpoint with ``caCertsDir`` (mutual TLS: clients must prove a certificate)
+        is exempt.
         """
         self._reactor = reactor
         self._option = option
@@ -64,12 +67,7 @@ class SiteService(Service):
         self.require_loopback = require_loopback
 
     def startService(self) -> None:
-        try:
-            endpoint = serverFromString(self._reactor, self._description)
-        except (ValueError, TypeError, KeyError) as e:
-            raise StartupError(
-                f"--{self._option}: bad endpoint {self._description!r}: {e}"
-            ) from None
+        endpoint = self._endpoint()
         d = endpoint.listen(self.site)
         outcome: list[object] = []
         d.addBoth(outcome.append)
@@ -84,7 +82,10 @@ class SiteService(Service):
             )
         assert IListeningPort.providedBy(result)
         host = result.getHost()
-        if self.require_loopback and not _is_local(host):
+        mutual = (
+            endpoint if isinstance(endpoint, TLSServerEndpoint) and endpoint.spec.mutual else None
+        )
+        if self.require_loopback and mutual is None and not _is_local(host):
             # config.py checks the endpoint string, but Twisted takes the *last* of repeated
             # arguments ("interface=127.0.0.1:interface=0.0.0.0"): the bound address decides.
             result.stopListening()
@@ -95,6 +96,18 @@ class SiteService(Service):
         self.port = result
         _keep_addresses_out_of_accept_log(result, self.site)
         self.site.listening_on(host)
+        if mutual is not None:
+            if self.site.guard is not None:
+                # Every connection proved a client certificate: see BrowserGuard for why its
+                # Host check then has nothing left to protect, and its Origin check still has.
+                self.site.guard.clients_authenticated = True
+            log.info(
+                "{site} site: mutual TLS, client certificates required; CA certificates in "
+                "{directory}: {count}",
+                site=self.site.name,
+                count=mutual.authorities,
+                directory=str(mutual.spec.client_cas),
+            )
         cap = limits.site_cap(self.site.name, self.site.max_connections, limits.fd_limit())
         if cap < self.site.max_connections:
             log.warn(
@@ -113,6 +126,20 @@ class SiteService(Service):
             cap=cap,
         )
         super().startService()
+
+    def _endpoint(self) -> IStreamServerEndpoint:
+        try:
+            tls = parse_ssl(self._description)
+            if tls is not None:
+                return TLSServerEndpoint(self._reactor, tls)
+            endpoint: IStreamServerEndpoint = serverFromString(self._reactor, self._description)
+        except (ValueError, TypeError, KeyError) as e:
+            raise StartupError(
+                f"--{self._option}: bad endpoint {self._description!r}: {e}"
+            ) from None
+        except TLSSetupError as e:
+            raise StartupError(f"--{self._option}: {e}") from None
+        return endpoint
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
