@@ -111,6 +111,8 @@ def fsync_dir(path: Path) -> None:
 
 
 _CHECK_PERSON: Final = b"anonticket-kchk"
+_IDEMPOTENCY_PERSON: Final = b"anonticket.idem"
+_FINGERPRINT_PERSON: Final = b"anonticket.fp"
 
 
 class Tagger:
@@ -126,6 +128,15 @@ class Tagger:
 
     def token_tag(self, token: bytes) -> bytes:
         return self._tag(token, _TOKEN_PERSON)
+
+    def idempotency_tag(self, key: bytes) -> bytes:
+        """An Idempotency-Key as stored: a service's keys may carry its own order numbers."""
+        return self._tag(key, _IDEMPOTENCY_PERSON)
+
+    def fingerprint(self, token_tag: bytes, amount: int, memo: str | None) -> bytes:
+        """What a repeated Idempotency-Key must repeat: the token, the amount and the memo."""
+        memo_bytes = b"\xff" if memo is None else b"\x00" + memo.encode("utf-8")
+        return self._tag(token_tag + amount.to_bytes(8, "big") + memo_bytes, _FINGERPRINT_PERSON)
 
     def key_check(self) -> bytes:
         """What the database keeps to recognise this key (anonticket.store.keycheck)."""

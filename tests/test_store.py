@@ -345,8 +345,12 @@ def test_migration_4_takes_flagged_claimed_payments_off_their_tokens(database_ur
         tokens = conn.execute("SELECT balance, reversed_amount, changed_seq FROM tokens")
         balance, reversed_amount, changed = tokens.fetchone()
         assert (balance, reversed_amount) == (30, 50) and changed > 0
-        ledger = conn.execute("SELECT kind, amount, at FROM ledger").fetchall()
-        assert [tuple(r) for r in ledger] == [(2, 50, 7)]
+        ledger = conn.execute("SELECT kind, amount, at FROM ledger ORDER BY id").fetchall()
+        # Migration 6 adds a credit per claimed payment (claimed_at unknown: the issue time),
+        # before the reversal, which happened later.
+        assert [tuple(r) for r in ledger] == [(0, 50, 1), (0, 30, 1), (2, 50, 7)]
+        version = conn.execute("SELECT version FROM tokens").fetchone()[0]
+        assert version == 4  # issued, and one change per entry
         payments = conn.execute("SELECT amount, status, reversed_at FROM payments ORDER BY amount")
         assert [tuple(r) for r in payments.fetchall()] == [(9, 0, 8), (30, 2, None), (50, 2, 7)]
         # A balance may now go below zero.
@@ -491,11 +495,26 @@ async def test_a_double_spent_claimed_payment_suspends_its_token_with_a_ledger_e
     await store.record_transfers([transfer(PID.raw, 3, amount=30, height=111)], now=7)
     assert (await store.redeem(PID, 8)).balance == 30
     assert (await store.token_status(token)).status == "active"
-    # The ledger holds one reversal a payment, never a txid or a PID.
-    rows = await store._run(
-        lambda txn, d: txn.execute("SELECT kind, amount, at FROM ledger ORDER BY id").fetchall()
-    )
-    assert sorted(tuple(r) for r in rows) == [(2, 20, 5), (2, 50, 5)]
+    # The ledger holds a credit per claimed payment and one reversal a payment, newest first;
+    # the balance is their sum.
+    entries = await store.ledger(token, 10, None)
+    assert [(e.kind.name, e.amount, e.at) for e in entries][:3] == [
+        ("CREDIT", 30, 8),
+        ("REVERSAL", 20, 5),
+        ("REVERSAL", 50, 5),
+    ] or [(e.kind.name, e.amount, e.at) for e in entries][:3] == [
+        ("CREDIT", 30, 8),
+        ("REVERSAL", 50, 5),
+        ("REVERSAL", 20, 5),
+    ]
+    assert [(e.kind.name, e.amount, e.at) for e in entries][3:] == [
+        ("CREDIT", 20, 4),
+        ("CREDIT", 50, 2),
+    ]
+    sign = {"CREDIT": 1, "RESTORATION": 1, "SPEND": -1, "REVERSAL": -1}
+    assert sum(sign[e.kind.name] * e.amount for e in entries) == 30
+    # Every change moved the version by one: issue, top-up, two reversals, top-up.
+    assert (await store.token_status(token)).version == 5
     # Revoked wins over suspended.
     await store.revoke(token, None, None, 9)
     assert (await store.token_status(token)).status == "revoked"

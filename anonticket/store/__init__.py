@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from anonticket.domain import PaymentId, ServiceToken, derive_service_token
 from anonticket.keys import Tagger, prepare_data_dir
-from anonticket.store import queries
+from anonticket.store import queries, spending
 from anonticket.store.answercache import DEFAULT_SIZE, AnswerCache
 from anonticket.store.batch import Batcher
 from anonticket.store.changes import NumberedRows
@@ -28,14 +28,21 @@ from anonticket.store.keycheck import open_key
 from anonticket.store.known import KnownTags
 from anonticket.store.negcache import NegativeCache
 from anonticket.store.records import (
+    KeyInUse,
+    KeyReused,
+    LedgerEntry,
     MonitorState,
     NotFound,
     Overloaded,
     RecordResult,
     Redeemed,
     RedeemResult,
+    SpendAnswer,
+    SpendRequest,
+    SpendResult,
     TokenRecord,
     Transfer,
+    VersionMismatch,
 )
 
 __all__ = ["DatabaseError", "Store", "StoreService"]
@@ -82,6 +89,7 @@ class Store:
         self.unknown = NegativeCache(self._clock)
         self._negative_hit = negative_hit or (lambda: None)
         self._redeem_streams: dict[str, float] = {}  # see _redeem_synced
+        self._spending: set[bytes] = set()  # Idempotency-Key tags of spends being answered
         # Surge admission: with this many operations waiting on the database, a public request
         # that needs it is refused at once (0: never).  See overloaded().
         self.admission_limit = admission_limit
@@ -306,6 +314,58 @@ class Store:
             return record, newly
 
         return d.addCallback(revoked)
+
+    def spend(self, request: SpendRequest, now: int) -> Deferred[SpendResult]:
+        """Make a spend once per Idempotency-Key (see :func:`spending.spend`); a request whose
+        key is being answered right now gets :class:`KeyInUse` (a second node's gets the first
+        one's answer once it is made)."""
+        tagger = self.tagger
+        key_tag = tagger.idempotency_tag(request.key)
+        if key_tag in self._spending:
+            return succeed(KeyInUse())
+        token_tag = tagger.token_tag(request.token.raw)
+        args = (
+            token_tag,
+            key_tag,
+            tagger.fingerprint(token_tag, request.amount, request.memo),
+            request.amount,
+            request.memo,
+            request.if_match,
+            now,
+        )
+        self._spending.add(key_tag)
+        d = self._run(spending.spend, *args)
+
+        def raced(failure: Failure) -> Deferred[Any]:
+            # Another node stored the key first: asked again, this answers as it did.
+            failure.trap(spending.KeyRaced)
+            return self._run(spending.spend, *args)
+
+        def done(
+            outcome: tuple[SpendAnswer | VersionMismatch | NotFound | None, bytes | None],
+        ) -> SpendResult:
+            answer, pid_tag = outcome
+            if pid_tag is not None:
+                self.token_answers.invalidate([token_tag])
+                self.redeem_answers.invalidate([pid_tag])
+            return KeyReused() if answer is None else answer
+
+        def finished(result: Any) -> Any:
+            self._spending.discard(key_tag)
+            return result
+
+        answered: Deferred[SpendResult] = d.addErrback(raced).addCallback(done)
+        return answered.addBoth(finished)
+
+    def ledger(
+        self, token: ServiceToken, limit: int, before: int | None
+    ) -> Deferred[list[LedgerEntry] | None]:
+        """The token's ledger entries newest first (None: unknown token)."""
+        return self._run(spending.ledger, self.tagger.token_tag(token.raw), limit, before)
+
+    def purge_idempotency(self, before: int, limit: int = 10_000) -> Deferred[int]:
+        """Forget Idempotency-Keys stored before ``before`` (at most ``limit`` a call)."""
+        return self._run(spending.purge_idempotency, before, limit)
 
     def record_transfers(
         self,

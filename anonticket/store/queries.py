@@ -74,42 +74,45 @@ def redeem(
     # the chain took back changes the token's balance, which evicts the answer (changed_seq).
     settled = PaymentStatus.PENDING not in seen
     claimable = PaymentStatus.UNCLAIMED in seen
-    claimed: list[tuple[bytes, int, int]] = []
+    claimed: list[tuple[int, bytes, int, int]] = []  # id, txid, amount, height
     if claimable:
         d.start_write(txn)
         claimed = txn.execute(
             d.sql(
                 "UPDATE payments SET status = ?, claimed_at = ? "
                 "WHERE pid_tag = ? AND status = ? "
-                "RETURNING txid, amount, height"
+                "RETURNING id, txid, amount, height"
             ),
             (int(PaymentStatus.CLAIMED), now, pid_tag, int(PaymentStatus.UNCLAIMED)),
         ).fetchall()
     if claimed:
-        credit = sum(amount for _, amount, _ in claimed)
-        first_txid = min(claimed, key=lambda row: (row[2], row[0]))[0]
+        credit = sum(int(amount) for _, _, amount, _ in claimed)
+        first_txid = min(claimed, key=lambda row: (row[3], row[1]))[1]
         token = derive_service_token(pid, bytes(first_txid).hex())
         inserted = txn.execute(
             d.sql(
                 "INSERT INTO tokens (token_tag, pid_tag, first_txid, balance, issued_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (pid_tag) DO NOTHING RETURNING balance"
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (pid_tag) DO NOTHING RETURNING id, balance"
             ),
             (tagger.token_tag(token.raw), pid_tag, bytes(first_txid), credit, now),
         ).fetchone()
         if inserted is not None:
-            return Redeemed(token, int(inserted[0]), first_claim=True), _settled_txid(
+            _credit(txn, d, int(inserted[0]), claimed, now)
+            return Redeemed(token, int(inserted[1]), first_claim=True), _settled_txid(
                 settled, first_txid
             )
         # A later payment to an already-redeemed PID: top up the existing token (a revoked one
         # too: the money is recorded, and the answer says the token is revoked).
         row = txn.execute(
             d.sql(
-                f"UPDATE tokens SET balance = balance + ?, changed_seq = {d.next_token_change} "
-                f"WHERE pid_tag = ? RETURNING {_REDEEMED_COLUMNS}"
+                "UPDATE tokens SET balance = balance + ?, version = version + 1, "
+                f"changed_seq = {d.next_token_change} "
+                f"WHERE pid_tag = ? RETURNING {_REDEEMED_COLUMNS}, id"
             ),
             (credit, pid_tag),
         ).fetchone()
-        return _redeemed(pid, row, topped_up=True), _settled_txid(settled, row[0])
+        _credit(txn, d, int(row[-1]), claimed, now)
+        return _redeemed(pid, row[:-1], topped_up=True), _settled_txid(settled, row[0])
     if claimable or PaymentStatus.CLAIMED in seen:
         # Claimed before, or just now by a concurrent redeem: the token exists.
         row = txn.execute(
@@ -132,6 +135,20 @@ def redeem(
 _REDEEMED_COLUMNS = "first_txid, balance, revoked_at IS NOT NULL, reversed_amount"
 
 
+def _credit(
+    txn: Txn, d: Dialect, token_id: int, claimed: Sequence[Sequence[Any]], now: int
+) -> None:
+    """One ledger credit per payment a claim took (rows of id, txid, amount, height)."""
+    txn.executemany(
+        d.sql("INSERT INTO ledger (token_id, kind, amount, payment_id, at) VALUES (?, ?, ?, ?, ?)"),
+        [
+            (token_id, int(LedgerKind.CREDIT), int(amount), int(payment_id), now)
+            for payment_id, _, amount, _ in claimed
+            if int(amount) > 0
+        ],
+    )
+
+
 def _redeemed(pid: PaymentId, row: Sequence[Any], *, topped_up: bool) -> Redeemed:
     first_txid, balance, revoked, reversed_amount = row
     return Redeemed(
@@ -147,7 +164,8 @@ def _settled_txid(settled: bool, first_txid: Any) -> bytes | None:
     return bytes(first_txid) if settled else None
 
 
-def _token_record(row: Sequence[Any]) -> TokenRecord:
+def token_record(row: Sequence[Any]) -> TokenRecord:
+    """A token's record from a row of :data:`TOKEN_COLUMNS`."""
     return TokenRecord(
         balance=int(row[0]),
         issued_at=int(row[1]),
@@ -155,17 +173,21 @@ def _token_record(row: Sequence[Any]) -> TokenRecord:
         revoke_reason=row[3],
         abuse_score=int(row[4]),
         reversed=int(row[5]),
+        version=int(row[6]),
+        spent=int(row[7]),
     )
 
 
-_TOKEN_COLUMNS = "balance, issued_at, revoked_at, revoke_reason, abuse_score, reversed_amount"
+TOKEN_COLUMNS = (
+    "balance, issued_at, revoked_at, revoke_reason, abuse_score, reversed_amount, version, spent"
+)
 
 
 def token_status(txn: Txn, d: Dialect, token_tag: bytes) -> TokenRecord | None:
     row = txn.execute(
-        d.sql(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_tag = ?"), (token_tag,)
+        d.sql(f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_tag = ?"), (token_tag,)
     ).fetchone()
-    return None if row is None else _token_record(row)
+    return None if row is None else token_record(row)
 
 
 @writes
@@ -182,18 +204,18 @@ def revoke(
     d.start_write(txn)
     row = txn.execute(
         d.sql(
-            "UPDATE tokens SET revoked_at = ?, revoke_reason = ?, "
+            "UPDATE tokens SET revoked_at = ?, revoke_reason = ?, version = version + 1, "
             f"abuse_score = coalesce(?, abuse_score), changed_seq = {d.next_token_change} "
-            f"WHERE token_tag = ? AND revoked_at IS NULL RETURNING {_TOKEN_COLUMNS}, pid_tag"
+            f"WHERE token_tag = ? AND revoked_at IS NULL RETURNING {TOKEN_COLUMNS}, pid_tag"
         ),
         (now, reason, abuse_score, token_tag),
     ).fetchone()
     if row is not None:
-        return _token_record(row), True, bytes(row[-1])
+        return token_record(row), True, bytes(row[-1])
     row = txn.execute(
-        d.sql(f"SELECT {_TOKEN_COLUMNS}, pid_tag FROM tokens WHERE token_tag = ?"), (token_tag,)
+        d.sql(f"SELECT {TOKEN_COLUMNS}, pid_tag FROM tokens WHERE token_tag = ?"), (token_tag,)
     ).fetchone()
-    return None if row is None else (_token_record(row), False, bytes(row[-1]))
+    return None if row is None else (token_record(row), False, bytes(row[-1]))
 
 
 Identity = tuple[bytes, int, int]  # txid, subaddress major, minor
@@ -451,7 +473,8 @@ def _move_claimed(
     token = txn.execute(
         d.sql(
             "UPDATE tokens SET balance = balance + ?, reversed_amount = reversed_amount - ?, "
-            f"changed_seq = {d.next_token_change} WHERE pid_tag = ? RETURNING id, token_tag"
+            f"version = version + 1, changed_seq = {d.next_token_change} "
+            "WHERE pid_tag = ? RETURNING id, token_tag"
         ),
         (delta, delta, row.pid_tag),
     ).fetchone()

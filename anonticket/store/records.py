@@ -21,8 +21,8 @@ class PaymentStatus(IntEnum):
 class LedgerKind(IntEnum):
     """A ledger entry's kind, stored as a small integer; the numbers are part of the schema."""
 
-    CREDIT = 0  # reserved for the ledger of credits and spends
-    SPEND = 1  # reserved
+    CREDIT = 0  # a claimed payment (at the first redeem or a top-up)
+    SPEND = 1  # the service took this much (POST /api/v1/token/{token}/spend)
     REVERSAL = 2  # a claimed transfer the chain took back: its amount left the balance
     RESTORATION = 3  # the same transfer confirmed again: its amount is back
 
@@ -104,10 +104,17 @@ class TokenRecord:
     revoke_reason: str | None
     abuse_score: int
     reversed: int = 0  # reversed and not restored
+    version: int = 1  # grows by one with every change of the token
+    spent: int = 0  # what spends took
 
     @property
     def revoked(self) -> bool:
         return self.revoked_at is not None
+
+    @property
+    def credited(self) -> int:
+        """Every claimed payment: the balance with spends and unrestored reversals added back."""
+        return self.balance + self.spent + self.reversed
 
     @property
     def status(self) -> str:
@@ -134,3 +141,72 @@ class MonitorState:
     wallet_height: int | None  # as the wallet last reported it (not necessarily trusted)
     trusted_height: int | None = None  # what the monitor acted on at that poll
     sweep: int | None = None  # where the background sweep of older heights goes on from
+
+
+class SpendOutcome(IntEnum):
+    """What a spend did, stored with its Idempotency-Key; the numbers are part of the schema."""
+
+    SPENT = 0
+    INSUFFICIENT_BALANCE = 1
+    TOKEN_REVOKED = 2
+    TOKEN_SUSPENDED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SpendRequest:
+    """One spend as the service asked for it; ``key`` is the Idempotency-Key, ``if_match`` the
+    version the service expects (None: whatever it is now)."""
+
+    token: ServiceToken
+    amount: int
+    memo: str | None
+    key: bytes
+    if_match: int | None = None
+
+    def __repr__(self) -> str:
+        # Never let a token, key, amount or memo reach a log line through a repr.
+        return "SpendRequest()"
+
+
+@dataclass(frozen=True, slots=True)
+class SpendAnswer:
+    """A spend's answer, remembered under its key: the token's balance and version after it
+    (as they were, for a refusal), the spend's id when it was made.  ``replayed``: given again
+    for a repeated key, not made now."""
+
+    outcome: SpendOutcome
+    balance: int
+    version: int
+    spend_id: str | None = None
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VersionMismatch:
+    """If-Match named another version than the token has (not remembered)."""
+
+    version: int
+    balance: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeyReused:
+    """The Idempotency-Key was used before for another token, amount or memo."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInUse:
+    """A request with this Idempotency-Key is still being answered."""
+
+
+SpendResult = SpendAnswer | VersionMismatch | KeyReused | KeyInUse | NotFound
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    id: int
+    kind: LedgerKind
+    amount: int
+    at: int
+    spend_id: str | None = None
+    memo: str | None = None
