@@ -98,6 +98,11 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "database operations waiting at which the public site answers 503 overloaded at once "
         "(0: never)",
     ),
+    Setting(
+        "idempotency-retention",
+        "86400",
+        "seconds a spend's Idempotency-Key is remembered (a retry within them replays the answer)",
+    ),
     Setting("no-monitor", None, "serve without polling the wallet (a second API node)", True),
 )
 
@@ -160,6 +165,7 @@ class Config:
     answer_cache: int
     admission_limit: int = 1000
     tor_cookie_file: Path | None = None
+    idempotency_retention: int = 86_400
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -263,6 +269,10 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         ),
         admission_limit=parse(
             "admission-limit", lambda x: _bounded_int("admission-limit", x, 0, 1_000_000)
+        ),
+        idempotency_retention=parse(
+            "idempotency-retention",
+            lambda x: _bounded_int("idempotency-retention", x, 60, 366 * 86_400),
         ),
     )
     if errors:

@@ -28,8 +28,9 @@ FD_RESERVE: Final = 128
 # the bench's 64 busy connections a daemon is saturated; 1,024 leaves room for many slow Tor
 # clients, and each connection costs at most ~25 KiB (16 KiB of headers, a 4 KiB body).
 PUBLIC_MAX_CONNECTIONS: Final = 1024
-# Prometheus, a health check and an operator's curl: a handful at a time.
-INTERNAL_MAX_CONNECTIONS: Final = 32
+# The service spending tokens (a connection pool per node of it), Prometheus, health checks
+# and an operator's curl.
+INTERNAL_MAX_CONNECTIONS: Final = 64
 EVICT_SLACK: Final = 16
 # Below this a site cannot do its job at all; the start-up log says the limit is too low.
 MIN_CONNECTIONS: Final = 4

@@ -44,6 +44,19 @@ LOOKUP_OUTCOMES = (
     "error",
 )
 REVOKE_OUTCOMES = ("revoked", "already_revoked", "not_found", "invalid", "error")
+SPEND_OUTCOMES = (
+    "spent",
+    "replayed",
+    "insufficient_balance",
+    "token_revoked",
+    "token_suspended",
+    "version_mismatch",
+    "idempotency_key_reused",
+    "idempotency_key_in_use",
+    "not_found",
+    "invalid",
+    "error",
+)
 
 
 class Outcomes:
@@ -94,6 +107,15 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.spends = Counter(
+            "anonticket_spend_requests",
+            "Spend requests by outcome: spent, replayed, insufficient_balance, token_revoked, "
+            "token_suspended, version_mismatch, idempotency_key_reused, idempotency_key_in_use, "
+            "not_found, invalid, error.",
+            ["outcome"],
+            registry=r,
+        )
+        self.spend_outcomes = Outcomes(self.spends, SPEND_OUTCOMES)
         self.lookup_outcomes = Outcomes(self.token_lookups, LOOKUP_OUTCOMES)
         self.revoke_outcomes = Outcomes(self.revocations, REVOKE_OUTCOMES)
         self.http_duration = Histogram(

@@ -22,6 +22,7 @@ from anonticket.metrics import Metrics
 from anonticket.monitor import Monitor, MonitorService, WalletService
 from anonticket.onion import OnionService
 from anonticket.store import DatabaseError, Store, StoreService
+from anonticket.store.housekeeping import PurgeService
 from anonticket.wallet import WalletClient
 from anonticket.web.http import PrivacySite
 from anonticket.web.internal import InternalAPI
@@ -72,6 +73,12 @@ def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> Anont
         negative_hit=metrics.negative_cache_hits.inc,
     )
     StoreService(store, reactor).setServiceParent(root)
+    PurgeService(
+        store,
+        reactor,
+        config.idempotency_retention,
+        failed=metrics.store_errors.labels("purge_idempotency").inc,
+    ).setServiceParent(root)
     # Read when scraped: sizes, not per-request counts (a counter per hit would cost every hit).
     metrics.answer_cache_entries.labels("token").set_function(lambda: len(store.token_answers))
     metrics.answer_cache_entries.labels("redeem").set_function(lambda: len(store.redeem_answers))

@@ -155,10 +155,12 @@ async def http() -> AsyncIterator[HTTPClient]:
     await pool.closeCachedConnections()
 
 
-async def post_json(client: HTTPClient, url: str, body: object) -> tuple[int, Any, Any]:
+async def post_json(
+    client: HTTPClient, url: str, body: object, headers: dict[str, str] | None = None
+) -> tuple[int, Any, Any]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = await client.post(
-        url, data=data, headers={"Content-Type": "application/json"}, timeout=10
+        url, data=data, headers={"Content-Type": "application/json", **(headers or {})}, timeout=10
     )
     return response.code, await response.json(), response.headers
 

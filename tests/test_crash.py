@@ -27,17 +27,27 @@ from .daemonproc import Daemon
 PIDS = 120
 
 
-def _post(url: str, pid: str) -> tuple[int, dict[str, Any]] | None:
+def _send(
+    url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any], Any] | None:
+    """POST JSON; the status, the answer and its headers, or None when no answer came."""
     request = urllib.request.Request(
-        url, data=json.dumps({"pid": pid}).encode(), headers={"Content-Type": "application/json"}
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as r:
-            return r.status, json.loads(r.read())
+            return r.status, json.loads(r.read()), r.headers
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        return e.code, json.loads(e.read()), e.headers
     except OSError:
         return None  # the daemon died under us: no answer
+
+
+def _post(url: str, pid: str) -> tuple[int, dict[str, Any]] | None:
+    answer = _send(url, {"pid": pid})
+    return None if answer is None else answer[:2]
 
 
 async def _seed(database_url: str, data_dir, pids: list[PaymentId]) -> dict[str, int]:
@@ -62,16 +72,21 @@ def _books(database_url: str, data_dir) -> tuple[Any, ...]:
         "(SELECT count(*) FROM tokens t WHERE NOT EXISTS "
         "   (SELECT 1 FROM payments p WHERE p.pid_tag = t.pid_tag AND p.status = 2))"
     )
+    return _rows(database_url, sql)[0]
+
+
+def _rows(database_url: str, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of one query, read with the database's own driver (not the daemon's store)."""
     if database_url.startswith("sqlite:"):
         import sqlite3
 
         conn = sqlite3.connect(database_url[len("sqlite:///") :])
         try:
-            return tuple(conn.execute(sql).fetchone())
+            return [tuple(r) for r in conn.execute(sql).fetchall()]
         finally:
             conn.close()
     with psycopg.connect(database_url) as conn:
-        return tuple(conn.execute(sql).fetchone())
+        return [tuple(r) for r in conn.execute(sql).fetchall()]
 
 
 @pytest_twisted.ensureDeferred
@@ -128,4 +143,98 @@ async def test_sigkill_mid_redeem_storm_loses_nothing_and_credits_nothing_twice(
             assert body["status"] == "already_claimed"
     total, claimed, orphans, empty = _books(database_url, data)
     assert total == claimed == sum(amounts.values()) and (orphans, empty) == (0, 0)
+    assert "Traceback" not in daemon.log_text()
+
+
+def _spend(url: str, amount: int, key: str) -> tuple[int, dict[str, Any], bool] | None:
+    answer = _send(url, {"amount": amount}, {"Idempotency-Key": key})
+    if answer is None:
+        return None
+    code, body, headers = answer
+    return code, body, headers.get("Idempotent-Replayed") == "true"
+
+
+def _ledger_books(database_url: str) -> list[tuple[Any, ...]]:
+    """Per token: balance, spent, and what the ledger says they are."""
+    sql = (
+        "SELECT t.balance, t.spent, "
+        "(SELECT coalesce(sum(CASE WHEN kind IN (0, 3) THEN amount ELSE -amount END), 0) "
+        "   FROM ledger l WHERE l.token_id = t.id), "
+        "(SELECT coalesce(sum(amount), 0) FROM ledger l WHERE l.token_id = t.id AND kind = 1) "
+        "FROM tokens t ORDER BY t.id"
+    )
+    return _rows(database_url, sql)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigkill_mid_spend_storm_loses_no_acknowledged_spend_and_replays_it(
+    database_url, tmp_path
+):
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    rng = random.Random(12)
+    pids = [PaymentId(rng.randbytes(8)) for _ in range(16)]
+    amounts = await _seed(database_url, data, pids)
+    daemon = Daemon(data, "--database", database_url, "--no-monitor").start()
+    tokens = {}
+    for p in pids:
+        answer = _post(daemon.public_url + "/api/v1/redeem", p.hex)
+        assert answer is not None and answer[0] == 200
+        tokens[p.hex] = answer[1]["service_token"]
+    # Each token: 10 purchases of a sixth of its balance (6 can be made), each sent twice.
+    jobs = [(pid, amounts[pid] // 6, f"{pid}-order-{n}") for pid in tokens for n in range(10)] * 2
+    rng.shuffle(jobs)
+    first: dict[str, tuple[int, dict[str, Any]]] = {}
+    lock = threading.Lock()
+
+    def storm(job: tuple[str, int, str]) -> None:
+        pid, amount, key = job
+        answer = _spend(f"{daemon.internal_url}/api/v1/token/{tokens[pid]}/spend", amount, key)
+        if answer is None:
+            return
+        code, body, _ = answer
+        assert code in (200, 409), answer
+        if code == 409 and body["code"] == "idempotency_key_in_use":
+            return
+        with lock:
+            if key in first:
+                assert first[key] == (code, body), (key, first[key], answer)
+            else:
+                first[key] = (code, body)
+
+    try:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            futures = [pool.submit(storm, job) for job in jobs]
+            deadline = time.monotonic() + 30
+            while len(first) < len(jobs) // 8 and time.monotonic() < deadline:
+                time.sleep(0.002)
+            daemon.kill()
+            for f in futures:
+                f.result()
+        assert 0 < len(first) < len(jobs) // 2, len(first)  # really mid-storm
+        for balance, spent, ledger_sum, ledger_spent in _ledger_books(database_url):
+            assert balance == ledger_sum >= 0 and spent == ledger_spent
+
+        daemon.start()
+        after = {}
+        for pid, amount, key in sorted(set(jobs)):
+            url = f"{daemon.internal_url}/api/v1/token/{tokens[pid]}/spend"
+            answer = _spend(url, amount, key)
+            assert answer is not None
+            after[key] = answer
+            if key in first:
+                # Acknowledged before the crash: the same answer, replayed.
+                assert (answer[0], answer[1]) == first[key] and answer[2], key
+        for pid in tokens:
+            made = [a[1]["amount"] for k, a in after.items() if k.startswith(pid) and a[0] == 200]
+            assert len(made) == 6
+            url = f"{daemon.internal_url}/api/v1/token/{tokens[pid]}"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                view = json.loads(r.read())
+            assert view["balance"] == amounts[pid] - sum(made) >= 0
+            assert view["spent"] == sum(made)
+    finally:
+        daemon.stop()
+    for balance, spent, ledger_sum, ledger_spent in _ledger_books(database_url):
+        assert balance == ledger_sum >= 0 and spent == ledger_spent
     assert "Traceback" not in daemon.log_text()

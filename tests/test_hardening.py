@@ -518,7 +518,7 @@ def test_the_daemon_outlives_more_connections_than_descriptors_and_logs_no_addre
                 process.wait()
     text = log_path.read_text()
     assert "open-file limit raised from 200 to 256" in text
-    assert "public site listening on 127.0.0.1" in text and "at most 64 connections" in text
+    assert "public site listening on 127.0.0.1" in text and "at most 32 connections" in text
     assert "EMFILE" not in text and "Closed socket" not in text and "Traceback" not in text
     assert not client_port_pattern(client_ports).search(text), text
 

@@ -1,7 +1,9 @@
-"""The internal site (loopback or a unix socket only): metrics, revocation, health.
+"""The internal site: metrics, health, and the service's side of tokens (look up with the
+details, spend, read the ledger, revoke).
 
-It is never published as an onion and config refuses a non-loopback endpoint for it; it has no
-authentication of its own, so who can reach it is decided by where it listens.
+It is never published as an onion.  It has no authentication of its own: config lets it listen
+only on loopback or a unix socket, or as TLS with client certificates required (see
+anonticket.web.mtls), so who can reach it is decided by where and how it listens.
 """
 
 from __future__ import annotations
@@ -10,13 +12,22 @@ from typing import Any, Protocol
 
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
 from anonticket.domain import ServiceToken
 from anonticket.metrics import Metrics
 from anonticket.store import Store
-from anonticket.store.records import MonitorState, TokenRecord
+from anonticket.store.records import (
+    KeyInUse,
+    KeyReused,
+    MonitorState,
+    NotFound,
+    Overloaded,
+    SpendAnswer,
+    VersionMismatch,
+)
 from anonticket.web.http import (
     ApiError,
     install_error_handlers,
@@ -25,7 +36,19 @@ from anonticket.web.http import (
     set_route,
     store_answer,
 )
-from anonticket.web.public import rfc3339, token_not_found, token_view
+from anonticket.web.public import rfc3339, token_not_found
+from anonticket.web.spending import (
+    etag,
+    idempotency_key,
+    if_match,
+    internal_token_view,
+    ledger_page,
+    ledger_view,
+    spend_request,
+    spend_response,
+    text_field,
+    version_mismatch,
+)
 
 MAX_REASON_LENGTH = 1000
 SMALLINT = (-32768, 32767)
@@ -47,29 +70,9 @@ class MonitorHealth(Protocol):
         """The height the last successful poll acted on, if any."""
 
 
-def internal_token_view(record: TokenRecord) -> dict[str, Any]:
-    view = token_view(record)
-    view["abuse_score"] = record.abuse_score
-    view["revoke_reason"] = record.revoke_reason
-    return view
-
-
-def _storable_text(text: str) -> bool:
-    """Text both databases store as it is: encodable as UTF-8 (no lone surrogate, which JSON's
-    \\ud800 escapes can carry) and without control characters other than tab and newline
-    (PostgreSQL refuses NUL; the others have no business in a reason)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return not any((ord(c) < 0x20 and c not in "\t\n") or 0x7F <= ord(c) < 0xA0 for c in text)
-
-
 def _revoke_arguments(body: dict[str, Any]) -> tuple[str | None, int | None]:
     reason = body.get("reason")
-    if reason is not None and (
-        not isinstance(reason, str) or len(reason) > MAX_REASON_LENGTH or not _storable_text(reason)
-    ):
+    if not text_field(reason, MAX_REASON_LENGTH):
         raise ApiError(
             400,
             "invalid_request",
@@ -139,6 +142,80 @@ class InternalAPI:
         record, newly = result
         outcomes.count("revoked" if newly else "already_revoked")
         return respond(request, internal_token_view(record))
+
+    @app.route("/api/v1/token/<string:token>", methods=["GET"])
+    async def token(self, request: IRequest, token: str) -> bytes:
+        set_route(request, "internal_token")
+        parsed = ServiceToken.parse(token)
+        answer = self._store.token_answer(parsed)
+        # The store's memory answers exactly (a change here evicts at once, one on another
+        # node within a second, and the version lets a spend catch the rest).
+        if isinstance(answer, Deferred):
+            record = await store_answer(self._metrics, "token_status", answer)
+        else:
+            assert not isinstance(answer, Overloaded)  # only refused with admit=True
+            record = answer
+        if record is None:
+            raise token_not_found()
+        etag(request, record.version)
+        return respond(request, internal_token_view(record))
+
+    @app.route("/api/v1/token/<string:token>/ledger", methods=["GET"])
+    async def ledger(self, request: IRequest, token: str) -> bytes:
+        set_route(request, "ledger")
+        parsed = ServiceToken.parse(token)
+        limit, before = ledger_page(request)
+        entries = await store_answer(
+            self._metrics, "ledger", self._store.ledger(parsed, limit, before)
+        )
+        if entries is None:
+            raise token_not_found()
+        return respond(request, ledger_view(entries, limit))
+
+    @app.route("/api/v1/token/<string:token>/spend", methods=["POST"])
+    async def spend(self, request: IRequest, token: str) -> bytes:
+        set_route(request, "spend")
+        outcomes = self._metrics.spend_outcomes
+        try:
+            parsed = ServiceToken.parse(token)
+            key = idempotency_key(request)
+            expected = if_match(request)
+            spend = spend_request(parsed, read_json_object(request), key, expected)
+        except Exception:
+            outcomes.count("invalid")
+            raise
+        now = int(self._clock.seconds())
+        try:
+            result = await store_answer(self._metrics, "spend", self._store.spend(spend, now))
+        except ApiError:
+            outcomes.count("error")
+            raise
+        match result:
+            case SpendAnswer():
+                outcomes.count("replayed" if result.replayed else result.outcome.name.lower())
+                return spend_response(request, result, spend.amount)
+            case VersionMismatch():
+                outcomes.count("version_mismatch")
+                return version_mismatch(request, result)
+            case KeyReused():
+                outcomes.count("idempotency_key_reused")
+                raise ApiError(
+                    422,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used for another spend (token, amount or memo)",
+                )
+            case KeyInUse():
+                outcomes.count("idempotency_key_in_use")
+                raise ApiError(
+                    409,
+                    "idempotency_key_in_use",
+                    "a spend with this Idempotency-Key is still being answered; retry shortly",
+                    {"Retry-After": "1"},
+                )
+            case NotFound():
+                outcomes.count("not_found")
+                raise token_not_found()
+        raise AssertionError("unreachable")
 
     @app.route("/healthz", methods=["GET"])
     async def healthz(self, request: IRequest) -> bytes:
