@@ -223,4 +223,4 @@ def test_internal_check_never_raises_anything_but_config_error(text):
         assert str(e).startswith("--internal: ")
     else:
         assert accepted in (text, text + ":mode=600")
-        assert text.split(":", 1)[0].lower() in {"unix", "tcp", "tcp6"}
+        assert text.split(":", 1)[0].lower() in {"unix", "tcp", "tcp6", "ssl"}
