@@ -103,6 +103,25 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "86400",
         "seconds a spend's Idempotency-Key is remembered (a retry within them replays the answer)",
     ),
+    Setting(
+        "webhook-url",
+        None,
+        "http(s) URL the events (issue, credit, spend, revoke, reversal, restoration) are POSTed "
+        "to as signed Standard Webhooks",
+        shown_default="unset: no events",
+    ),
+    Setting(
+        "webhook-signing",
+        "hmac",
+        "hmac (v1, secret in <data-dir>/webhook.secret) or ed25519 (v1a, public key in "
+        "<data-dir>/webhook.pub)",
+    ),
+    Setting(
+        "webhook-retry-schedule",
+        "5,300,1800,7200,18000,36000,36000",
+        "seconds to wait before each retry of an event (comma list, +-10 % jitter); after the "
+        "last it is failed",
+    ),
     Setting("no-monitor", None, "serve without polling the wallet (a second API node)", True),
 )
 
@@ -166,6 +185,9 @@ class Config:
     admission_limit: int = 1000
     tor_cookie_file: Path | None = None
     idempotency_retention: int = 86_400
+    webhook_url: str | None = None
+    webhook_signing: str = "hmac"
+    webhook_retry_schedule: tuple[int, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -208,6 +230,42 @@ def _wallet_url(value: str | None) -> str:
     if parts.username or parts.password:
         raise ConfigError("--wallet-rpc: put credentials in --wallet-rpc-login, not in the URL")
     return value.rstrip("/").removesuffix("/json_rpc")
+
+
+def _webhook_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # raises for a port out of range
+    except ValueError:
+        parts = urlsplit("")
+    if parts.scheme not in ("http", "https") or not parts.hostname or not value.isascii():
+        raise ConfigError("--webhook-url: expected an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        # It would be sent in the clear with every event and shown in logs and ps.
+        raise ConfigError("--webhook-url: must not carry a user or password")
+    if parts.fragment:
+        raise ConfigError("--webhook-url: must not have a #fragment")
+    return value
+
+
+def _webhook_signing(value: str | None) -> str:
+    if value not in ("hmac", "ed25519"):
+        raise ConfigError("--webhook-signing: expected hmac or ed25519")
+    return value
+
+
+def _retry_schedule(value: str | None) -> tuple[int, ...]:
+    delays = (value or "").split(",")
+    if not 1 <= len(delays) <= 50 or not all(
+        d.strip().isascii() and d.strip().isdigit() and 1 <= int(d) <= 7 * 86_400 for d in delays
+    ):
+        raise ConfigError(
+            "--webhook-retry-schedule: expected 1 to 50 comma-separated delays in seconds, "
+            "each from 1 to 604800"
+        )
+    return tuple(int(d) for d in delays)
 
 
 def _login(value: str | None) -> tuple[str, str] | None:
@@ -274,6 +332,9 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
             "idempotency-retention",
             lambda x: _bounded_int("idempotency-retention", x, 60, 366 * 86_400),
         ),
+        webhook_url=parse("webhook-url", _webhook_url),
+        webhook_signing=parse("webhook-signing", _webhook_signing),
+        webhook_retry_schedule=parse("webhook-retry-schedule", _retry_schedule),
     )
     if errors:
         raise ConfigError("; ".join(errors))

@@ -116,6 +116,30 @@ class Metrics:
             registry=r,
         )
         self.spend_outcomes = Outcomes(self.spends, SPEND_OUTCOMES)
+        self.webhook_deliveries = Counter(
+            "anonticket_webhook_deliveries",
+            "Webhook delivery attempts by outcome: delivered, retry (to be tried again), "
+            "failed (retries used up).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("delivered", "retry", "failed"):
+            self.webhook_deliveries.labels(outcome)
+        self.webhook_backlog = Gauge(
+            "anonticket_webhook_backlog_events",
+            "Events waiting for delivery (all nodes; refreshed every few seconds).",
+            registry=r,
+        )
+        self.webhook_failed = Gauge(
+            "anonticket_webhook_failed_events",
+            "Events whose retries are used up, kept until retried from the internal site.",
+            registry=r,
+        )
+        self.webhook_oldest_age = Gauge(
+            "anonticket_webhook_oldest_waiting_seconds",
+            "Age of the oldest event waiting for delivery (0: none waiting).",
+            registry=r,
+        )
         self.lookup_outcomes = Outcomes(self.token_lookups, LOOKUP_OUTCOMES)
         self.revoke_outcomes = Outcomes(self.revocations, REVOKE_OUTCOMES)
         self.http_duration = Histogram(

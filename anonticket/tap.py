@@ -28,6 +28,8 @@ from anonticket.web.http import PrivacySite
 from anonticket.web.internal import InternalAPI
 from anonticket.web.public import PublicAPI
 from anonticket.web.service import SiteService, StartupError
+from anonticket.webhook.delivery import WebhookService, load_node_id
+from anonticket.webhook.signing import Signer, load_signer
 
 __all__ = ["AnonticketService", "Options", "makeService"]
 
@@ -71,14 +73,25 @@ def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> Anont
         config.answer_cache,
         config.admission_limit,
         negative_hit=metrics.negative_cache_hits.inc,
+        events=config.webhook_url is not None,
     )
     StoreService(store, reactor).setServiceParent(root)
     PurgeService(
         store,
         reactor,
         config.idempotency_retention,
-        failed=metrics.store_errors.labels("purge_idempotency").inc,
+        failed=metrics.store_errors.labels("purge").inc,
     ).setServiceParent(root)
+    if config.webhook_url is not None:
+        WebhookService(
+            store,
+            reactor,
+            config.webhook_url,
+            lambda: announce(load_signer(config.data_dir, config.webhook_signing)),
+            metrics,
+            config.webhook_retry_schedule,
+            node=lambda: load_node_id(config.data_dir),
+        ).setServiceParent(root)
     # Read when scraped: sizes, not per-request counts (a counter per hit would cost every hit).
     metrics.answer_cache_entries.labels("token").set_function(lambda: len(store.token_answers))
     metrics.answer_cache_entries.labels("redeem").set_function(lambda: len(store.redeem_answers))
@@ -126,6 +139,14 @@ def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> Anont
     )
     SiteService(reactor, "internal", config.internal, internal_site).setServiceParent(root)
     return root
+
+
+def announce(loaded: tuple[Signer, str | None]) -> Signer:
+    """Log the Ed25519 public key a receiver verifies with (it is public: a log line is fine)."""
+    signer, public_key = loaded
+    if public_key is not None:
+        log.info("webhook: events are signed with Ed25519 (v1a); public key {key}", key=public_key)
+    return signer
 
 
 def makeService(

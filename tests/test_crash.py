@@ -23,6 +23,7 @@ from anonticket.store import Store
 
 from .conftest import reactor, transfer
 from .daemonproc import Daemon
+from .webhookreceiver import Receiver, verify_hmac
 
 PIDS = 120
 
@@ -237,4 +238,50 @@ async def test_sigkill_mid_spend_storm_loses_no_acknowledged_spend_and_replays_i
         daemon.stop()
     for balance, spent, ledger_sum, ledger_spent in _ledger_books(database_url):
         assert balance == ledger_sum >= 0 and spent == ledger_spent
+    assert "Traceback" not in daemon.log_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigkill_between_the_change_and_the_delivery_the_event_arrives_after_restart(
+    database_url, tmp_path
+):
+    """The receiver is down when the changes are made, the daemon is killed before it could
+    deliver them; after a restart (receiver up) every event arrives with the webhook-id it was
+    written with, and verifies."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    rng = random.Random(13)
+    pids = [PaymentId(rng.randbytes(8)) for _ in range(8)]
+    await _seed(database_url, data, pids)
+    receiver = Receiver()
+    url = receiver.listen()
+    port = receiver.port.getHost().port
+    await receiver.stop()  # down: connections refused
+    daemon = Daemon(
+        data,
+        "--database",
+        database_url,
+        "--no-monitor",
+        "--webhook-url",
+        url,
+        "--webhook-retry-schedule",
+        ",".join(["1"] * 20),
+    ).start()
+    try:
+        for p in pids:
+            answer = _post(daemon.public_url + "/api/v1/redeem", p.hex)
+            assert answer is not None and answer[0] == 200
+        daemon.kill()
+        written = {row[0] for row in _rows(database_url, "SELECT event_id FROM outbox")}
+        waiting = _rows(database_url, "SELECT count(*) FROM outbox WHERE state = 0")[0][0]
+        assert len(written) == len(pids) == waiting  # none delivered before the kill
+        receiver.listen(port)
+        daemon.start()
+        await receiver.wait_for(len(pids), timeout=60)
+    finally:
+        daemon.stop()
+        await receiver.stop()
+    assert {d.event_id for d in receiver.accepted} == written
+    for delivery in receiver.accepted:
+        assert verify_hmac(data, delivery)["type"] == "token.issued"
     assert "Traceback" not in daemon.log_text()

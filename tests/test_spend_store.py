@@ -157,6 +157,8 @@ async def test_the_purge_service_runs_on_its_clock_and_survives_a_failure(store)
     store.purge_idempotency = broken  # fault injection: the store fails once
     clock.advance(PURGE_INTERVAL)
     assert failures == [1] and service.running
+    # The run goes on with the delivered events; a later store call is answered after it.
+    await store.monitor_state()
     store.purge_idempotency = closed
     clock.advance(PURGE_INTERVAL)
     await service.stopService()  # waits for the purge in flight

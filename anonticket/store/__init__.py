@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from anonticket.domain import PaymentId, ServiceToken, derive_service_token
 from anonticket.keys import Tagger, prepare_data_dir
-from anonticket.store import queries, spending
+from anonticket.store import outbox, queries, spending
 from anonticket.store.answercache import DEFAULT_SIZE, AnswerCache
 from anonticket.store.batch import Batcher
 from anonticket.store.changes import NumberedRows
@@ -66,6 +66,7 @@ class Store:
         answer_cache: int = DEFAULT_SIZE,
         admission_limit: int = 0,
         negative_hit: Callable[[], None] | None = None,
+        events: bool = False,
     ) -> None:
         self._reactor = reactor
         self._clock = cast(IReactorTime, reactor)  # the reactor is both
@@ -90,6 +91,10 @@ class Store:
         self._negative_hit = negative_hit or (lambda: None)
         self._redeem_streams: dict[str, float] = {}  # see _redeem_synced
         self._spending: set[bytes] = set()  # Idempotency-Key tags of spends being answered
+        # With --webhook-url, every change writes its event into the outbox in its transaction;
+        # ``event_written`` is told after one committed (the delivery goes at once).
+        self.events = events
+        self.event_written: Callable[[], None] = lambda: None
         # Surge admission: with this many operations waiting on the database, a public request
         # that needs it is refused at once (0: never).  See overloaded().
         self.admission_limit = admission_limit
@@ -188,7 +193,7 @@ class Store:
         if admit and self.overloaded():
             return Overloaded()
         ticket = self.redeem_answers.ticket()
-        d = self._run(queries.redeem, self.tagger, pid, pid_tag, now)
+        d = self._run(queries.redeem, self.tagger, pid, pid_tag, now, self.events)
 
         def done(outcome: tuple[RedeemResult, bytes | None]) -> RedeemResult:
             result, settled_txid = outcome
@@ -197,6 +202,8 @@ class Store:
                 # unless a payment was recorded meanwhile (the ticket moved).
                 self.unknown.add(pid_tag)
             if isinstance(result, Redeemed):
+                if result.first_claim or result.topped_up:
+                    self._written()
                 if result.topped_up:
                     self.token_answers.invalidate([self.tagger.token_tag(result.token.raw)])
                 if settled_txid is not None:
@@ -300,7 +307,8 @@ class Store:
         self, token: ServiceToken, reason: str | None, abuse_score: int | None, now: int
     ) -> Deferred[tuple[TokenRecord, bool] | None]:
         tag = self.tagger.token_tag(token.raw)
-        d = self._run(queries.revoke, tag, reason, abuse_score, now)
+        event_token = token.raw if self.events else None
+        d = self._run(queries.revoke, tag, reason, abuse_score, now, event_token)
 
         def revoked(
             result: tuple[TokenRecord, bool, bytes] | None,
@@ -309,6 +317,7 @@ class Store:
                 return None
             record, newly, pid_tag = result
             if newly:
+                self._written()
                 self.token_answers.invalidate([tag])
                 self.redeem_answers.invalidate([pid_tag])
             return record, newly
@@ -332,6 +341,7 @@ class Store:
             request.memo,
             request.if_match,
             now,
+            request.token.raw if self.events else None,
         )
         self._spending.add(key_tag)
         d = self._run(spending.spend, *args)
@@ -346,6 +356,7 @@ class Store:
         ) -> SpendResult:
             answer, pid_tag = outcome
             if pid_tag is not None:
+                self._written()
                 self.token_answers.invalidate([token_tag])
                 self.redeem_answers.invalidate([pid_tag])
             return KeyReused() if answer is None else answer
@@ -388,9 +399,12 @@ class Store:
             recheck,
             sweep,
             trusted_height,
+            self.events,
         )
 
         def notify(result: RecordResult) -> RecordResult:
+            if result.reversed.get("claimed") or result.restored.get("claimed"):
+                self._written()
             for tag in result.stale_pids:
                 if self._known is not None:
                     self._known.add(tag)
@@ -406,6 +420,43 @@ class Store:
 
     def monitor_state(self) -> Deferred[MonitorState]:
         return self._run(queries.monitor_state)
+
+    def _written(self) -> None:
+        if self.events:
+            self.event_written()
+
+    # The outbox (see outbox.py), for the webhook delivery and the internal site.
+
+    def take_due_events(
+        self, now: int, lease: int, limit: int, owner: str
+    ) -> Deferred[list[outbox.Due]]:
+        return self._run(outbox.take_due, now, lease, limit, owner)
+
+    def release_event_leases(self, owner: str) -> Deferred[int]:
+        return self._run(outbox.release_leases, owner)
+
+    def settle_event(
+        self,
+        row: int,
+        state: outbox.EventState,
+        now: int,
+        error: str | None = None,
+        retry_at: int | None = None,
+    ) -> Deferred[None]:
+        return self._run(outbox.settle, row, state, now, error, retry_at)
+
+    def event_backlog(self) -> Deferred[outbox.Backlog]:
+        return self._run(outbox.backlog)
+
+    def failed_events(self, limit: int, after: int | None) -> Deferred[list[outbox.FailedEvent]]:
+        return self._run(outbox.failed_events, limit, after)
+
+    def retry_failed_events(self, event_id: str | None, now: int) -> Deferred[int]:
+        """Make one failed event (or, with None, every one) due again; how many."""
+        return self._run(outbox.retry_failed, event_id, now)
+
+    def purge_delivered_events(self, before: int, limit: int = 10_000) -> Deferred[int]:
+        return self._run(outbox.purge_delivered, before, limit)
 
 
 def _apply(

@@ -43,6 +43,10 @@ class Dialect(Protocol):
     def next_token_change(self) -> str:
         """An SQL expression: the next ``tokens.changed_seq`` (inside a write transaction)."""
 
+    @property
+    def skip_locked(self) -> str:
+        """Appended to a SELECT that takes rows for this node: skip those another is taking."""
+
     def check_driver(self) -> None: ...
 
     def sql(self, text: str) -> str: ...
@@ -86,6 +90,7 @@ class SQLiteDialect:
     batch_transaction: bool = True
     # Writers are serialised by the write lock, so this is unique and in commit order.
     next_token_change: str = "(SELECT max(changed_seq) + 1 FROM tokens)"
+    skip_locked: str = ""  # one writer at a time: nobody else is taking rows meanwhile
     extra: dict[str, Any] = field(default_factory=dict)
 
     def start_write(self, cursor: Any) -> None:
@@ -208,6 +213,7 @@ class PostgresDialect:
     # batch could deadlock with another node's; every operation commits on its own.
     batch_transaction: bool = False
     next_token_change: str = "nextval('token_changes')"
+    skip_locked: str = " FOR UPDATE SKIP LOCKED"
 
     def start_write(self, cursor: Any) -> None:
         cursor.execute(self.begin_write)

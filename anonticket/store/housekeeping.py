@@ -1,4 +1,5 @@
-"""Forgetting what the store keeps only for a while: Idempotency-Keys past their retention."""
+"""Forgetting what the store keeps only for a while: Idempotency-Keys past their retention,
+and events delivered a week ago (kept that long to answer "did you send it?")."""
 
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ from anonticket.store import Store
 PURGE_INTERVAL: Final = 600.0  # seconds between purges: a key lives at most this much longer
 PURGE_BATCH: Final = 10_000  # keys deleted per transaction: bounds how long one holds the lock
 MAX_BATCHES: Final = 100  # per purge; a backlog bigger than a million keys takes several
+DELIVERED_RETENTION: Final = 7 * 86_400  # seconds a delivered event is kept
 
 log = Logger()
 
 
 class PurgeService(Service):
     """Every :data:`PURGE_INTERVAL` seconds, deletes the Idempotency-Keys older than
-    ``retention`` seconds, a batch at a time.  Every node runs it; they delete the same rows,
+    ``retention`` seconds and the events delivered more than :data:`DELIVERED_RETENTION`
+    seconds ago, a batch at a time.  Every node runs it; they delete the same rows,
     which is harmless.  A failure is logged and counted, and the next run tries again."""
 
     name = "purge"
@@ -61,20 +64,31 @@ class PurgeService(Service):
         return done.addCallback(lambda _: None)
 
     async def _purge(self) -> None:
-        before = int(self._clock.seconds()) - self._retention
+        now = int(self._clock.seconds())
+        await self._purge_one(
+            "Idempotency-Keys past retention", self._store.purge_idempotency, now - self._retention
+        )
+        await self._purge_one(
+            "delivered events", self._store.purge_delivered_events, now - DELIVERED_RETENTION
+        )
+
+    async def _purge_one(
+        self, what: str, purge: Callable[[int, int], Deferred[int]], before: int
+    ) -> None:
         purged = 0
         try:
             for _ in range(MAX_BATCHES):
-                gone = await self._store.purge_idempotency(before, PURGE_BATCH)
+                gone = await purge(before, PURGE_BATCH)
                 purged += gone
                 if gone < PURGE_BATCH:
                     break
         except Exception as e:
             self._failed()
             log.warn(
-                "purge: forgetting old Idempotency-Keys failed: {error_type}",
+                "purge: forgetting {what} failed: {error_type}",
+                what=what,
                 error_type=type(e).__name__,
             )
             return
         if purged:
-            log.info("purge: forgot {count} Idempotency-Keys past retention", count=purged)
+            log.info("purge: forgot {count} {what}", count=purged, what=what)

@@ -1,21 +1,19 @@
-"""Every SQL statement of anonticket, as functions run in an adbapi pool thread.
+"""The SQL of payments, redeems, tokens and the monitor, as units of store work (units.py).
 
-Each function receives a DB-API cursor and the dialect, and does one unit of work; the batcher
-(batch.py) commits when it returns and rolls back when it raises.  Units that may write are
-marked ``@writes`` and begin with the dialect's ``start_write``, so SQLite takes its lock up
-front (unless the batch holds it already).
+Spends and the ledger are in spending.py, events in outbox.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from anonticket.domain import PaymentId, derive_service_token
 from anonticket.keys import Tagger
 from anonticket.store.dialect import Dialect
 from anonticket.store.known import KnownTags
+from anonticket.store.outbox import token_event
 from anonticket.store.records import (
     BelowMinimum,
     LedgerKind,
@@ -30,16 +28,7 @@ from anonticket.store.records import (
     Transfer,
     status_of,
 )
-
-Txn = Any  # adbapi.Transaction: a DB-API cursor
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def writes(fn: F) -> F:
-    """Mark an operation that may write: a batch holding one runs in a write transaction."""
-    fn.writes = True  # type: ignore[attr-defined]
-    return fn
-
+from anonticket.store.units import Txn, writes
 
 _CURSOR = "cursor"
 _WALLET_HEIGHT = "wallet_height"
@@ -49,7 +38,13 @@ _TRUSTED_HEIGHT = "trusted_height"
 
 @writes
 def redeem(
-    txn: Txn, d: Dialect, tagger: Tagger, pid: PaymentId, pid_tag: bytes, now: int
+    txn: Txn,
+    d: Dialect,
+    tagger: Tagger,
+    pid: PaymentId,
+    pid_tag: bytes,
+    now: int,
+    events: bool = False,
 ) -> tuple[RedeemResult, bytes | None]:
     """Claim every confirmed, unclaimed payment of ``pid`` (whose tag the caller has computed)
     and credit it to the PID's token.
@@ -98,6 +93,18 @@ def redeem(
         ).fetchone()
         if inserted is not None:
             _credit(txn, d, int(inserted[0]), claimed, now)
+            if events:
+                token_event(
+                    txn,
+                    d,
+                    int(inserted[0]),
+                    token.raw,
+                    "issued",
+                    now,
+                    amount=credit,
+                    balance=int(inserted[1]),
+                    version=1,
+                )
             return Redeemed(token, int(inserted[1]), first_claim=True), _settled_txid(
                 settled, first_txid
             )
@@ -107,12 +114,26 @@ def redeem(
             d.sql(
                 "UPDATE tokens SET balance = balance + ?, version = version + 1, "
                 f"changed_seq = {d.next_token_change} "
-                f"WHERE pid_tag = ? RETURNING {_REDEEMED_COLUMNS}, id"
+                f"WHERE pid_tag = ? RETURNING {_REDEEMED_COLUMNS}, id, version"
             ),
             (credit, pid_tag),
         ).fetchone()
-        _credit(txn, d, int(row[-1]), claimed, now)
-        return _redeemed(pid, row[:-1], topped_up=True), _settled_txid(settled, row[0])
+        token_row, version = int(row[-2]), int(row[-1])
+        _credit(txn, d, token_row, claimed, now)
+        redeemed = _redeemed(pid, row[:-2], topped_up=True)
+        if events:
+            token_event(
+                txn,
+                d,
+                token_row,
+                redeemed.token.raw,
+                "credited",
+                now,
+                amount=credit,
+                balance=redeemed.balance,
+                version=version,
+            )
+        return redeemed, _settled_txid(settled, row[0])
     if claimable or PaymentStatus.CLAIMED in seen:
         # Claimed before, or just now by a concurrent redeem: the token exists.
         row = txn.execute(
@@ -198,20 +219,35 @@ def revoke(
     reason: str | None,
     abuse_score: int | None,
     now: int,
+    event_token: bytes | None = None,
 ) -> tuple[TokenRecord, bool, bytes] | None:
     """Revoke once; a second revoke returns the current record and changes nothing.  With the
-    record: whether this call revoked it, and the token's PID tag (its redeem answer changes)."""
+    record: whether this call revoked it, and the token's PID tag (its redeem answer changes).
+    With ``event_token`` (the token, when events are on) the revoke is an event too."""
     d.start_write(txn)
     row = txn.execute(
         d.sql(
             "UPDATE tokens SET revoked_at = ?, revoke_reason = ?, version = version + 1, "
             f"abuse_score = coalesce(?, abuse_score), changed_seq = {d.next_token_change} "
-            f"WHERE token_tag = ? AND revoked_at IS NULL RETURNING {TOKEN_COLUMNS}, pid_tag"
+            f"WHERE token_tag = ? AND revoked_at IS NULL RETURNING {TOKEN_COLUMNS}, id, pid_tag"
         ),
         (now, reason, abuse_score, token_tag),
     ).fetchone()
     if row is not None:
-        return token_record(row), True, bytes(row[-1])
+        record = token_record(row)
+        if event_token is not None:
+            token_event(
+                txn,
+                d,
+                int(row[-2]),
+                event_token,
+                "revoked",
+                now,
+                reason=reason,
+                balance=record.balance,
+                version=record.version,
+            )
+        return record, True, bytes(row[-1])
     row = txn.execute(
         d.sql(f"SELECT {TOKEN_COLUMNS}, pid_tag FROM tokens WHERE token_tag = ?"), (token_tag,)
     ).fetchone()
@@ -245,6 +281,7 @@ class _Changes:
     forgotten: int = 0
     stale_pids: set[bytes] = field(default_factory=set)
     stale_tokens: set[bytes] = field(default_factory=set)
+    events: bool = False  # write an event per reversal and restoration (--webhook-url)
 
     def count(self, counts: dict[Any, int], key: Any) -> None:
         counts[key] = counts.get(key, 0) + 1
@@ -285,6 +322,7 @@ def record_transfers(
     recheck: tuple[int, int] | None,
     sweep: int | None = None,
     trusted_height: int | None = None,
+    events: bool = False,
 ) -> RecordResult:
     """Store what the wallet reported and, in the same transaction, the monitor's state.
 
@@ -304,7 +342,7 @@ def record_transfers(
     one simply stops being redeemable: pending again while the wallet shows it, gone when not.
     """
     d.start_write(txn)
-    changes = _Changes()
+    changes = _Changes(events=events)
     reported: dict[Identity, Transfer] = {}
     for t in transfers:
         key = (t.txid, t.subaddr_major, t.subaddr_minor)
@@ -425,7 +463,7 @@ def _follow(txn: Txn, d: Dialect, row: _Row, t: Transfer, now: int, changes: _Ch
         changes.stale_pids.add(row.pid_tag)
     elif money and row.status == PaymentStatus.CLAIMED and confirmed == was_reversed:
         # Confirmed again after a reversal (restore), or no longer confirmed (reverse).
-        _move_claimed(txn, d, row, t.height, now, changes, restore=confirmed)
+        _move_claimed(txn, d, row, t.height, now, changes, restore=confirmed, pid=t.pid)
     elif row.height != t.height:
         txn.execute(d.sql("UPDATE payments SET height = ? WHERE id = ?"), (t.height, row.id))
 
@@ -462,9 +500,12 @@ def _move_claimed(
     changes: _Changes,
     *,
     restore: bool,
+    pid: bytes | None = None,
 ) -> None:
     """Take a claimed transfer's amount off its token (a reversal) or put it back (a
-    restoration), with a ledger entry and a change number that evicts every node's answers."""
+    restoration), with a ledger entry and a change number that evicts every node's answers;
+    and an event, named by the token's id (derived from ``pid``, the PID the wallet reported,
+    or stored from an earlier change)."""
     txn.execute(
         d.sql("UPDATE payments SET height = ?, reversed_at = ? WHERE id = ?"),
         (height, None if restore else now, row.id),
@@ -474,7 +515,7 @@ def _move_claimed(
         d.sql(
             "UPDATE tokens SET balance = balance + ?, reversed_amount = reversed_amount - ?, "
             f"version = version + 1, changed_seq = {d.next_token_change} "
-            "WHERE pid_tag = ? RETURNING id, token_tag"
+            "WHERE pid_tag = ? RETURNING id, token_tag, balance, version, first_txid"
         ),
         (delta, delta, row.pid_tag),
     ).fetchone()
@@ -487,6 +528,22 @@ def _move_claimed(
             (int(token[0]), int(kind), row.amount, row.id, now),
         )
         changes.stale_tokens.add(bytes(token[1]))
+        if changes.events:
+            raw = None
+            if pid is not None and len(pid) == 8:
+                raw = derive_service_token(PaymentId(pid), bytes(token[4]).hex()).raw
+            kind_name = "restored" if restore else "reversed"
+            token_event(
+                txn,
+                d,
+                int(token[0]),
+                raw,
+                kind_name,
+                now,
+                amount=row.amount,
+                balance=int(token[2]),
+                version=int(token[3]),
+            )
     changes.count(changes.restored if restore else changes.reversed, "claimed")
     changes.stale_pids.add(row.pid_tag)
 

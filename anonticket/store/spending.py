@@ -13,7 +13,7 @@ import secrets
 from typing import Any, Final
 
 from anonticket.store.dialect import Dialect
-from anonticket.store.queries import Txn, writes
+from anonticket.store.outbox import token_event
 from anonticket.store.records import (
     LedgerEntry,
     LedgerKind,
@@ -23,6 +23,7 @@ from anonticket.store.records import (
     VersionMismatch,
     status_of,
 )
+from anonticket.store.units import Txn, writes
 
 # The compare-and-swap loses only to a change that committed meanwhile; each loss means another
 # change went through, so with a bounded number of writers it ends.  This bounds it anyway.
@@ -45,11 +46,13 @@ def spend(
     memo: str | None,
     if_match: int | None,
     now: int,
+    event_token: bytes | None = None,
 ) -> tuple[SpendAnswer | VersionMismatch | NotFound | None, bytes | None]:
     """Spend ``amount`` from the token once per Idempotency-Key.
 
     Returns the answer and, when the token changed, its PID tag (its redeem answer changes).
-    The answer is None when the key was used for another request (another fingerprint).
+    The answer is None when the key was used for another request (another fingerprint).  With
+    ``event_token`` (the token, when events are on) a spend made is an event too.
 
     The token is read, then updated only if its version is still the one read (optimistic
     locking): on SQLite the write lock is held from the start and the swap always holds; on
@@ -111,6 +114,20 @@ def spend(
         )
         answer = SpendAnswer(SpendOutcome.SPENT, int(swapped[0]), int(swapped[1]), spend_id)
         _remember(txn, d, key_tag, fingerprint, answer, now)
+        if event_token is not None:
+            token_event(
+                txn,
+                d,
+                token_id,
+                event_token,
+                "spent",
+                now,
+                amount=amount,
+                balance=answer.balance,
+                version=answer.version,
+                spend_id=spend_id,
+                memo=memo,
+            )
         return answer, pid_tag
     raise RuntimeError("the token kept changing; the spend was not made")
 

@@ -42,8 +42,8 @@ from anonticket.web.spending import (
     idempotency_key,
     if_match,
     internal_token_view,
-    ledger_page,
     ledger_view,
+    page_query,
     spend_request,
     spend_response,
     text_field,
@@ -164,7 +164,7 @@ class InternalAPI:
     async def ledger(self, request: IRequest, token: str) -> bytes:
         set_route(request, "ledger")
         parsed = ServiceToken.parse(token)
-        limit, before = ledger_page(request)
+        limit, before = page_query(request)
         entries = await store_answer(
             self._metrics, "ledger", self._store.ledger(parsed, limit, before)
         )
@@ -216,6 +216,56 @@ class InternalAPI:
                 outcomes.count("not_found")
                 raise token_not_found()
         raise AssertionError("unreachable")
+
+    def _webhooks_enabled(self) -> None:
+        if not self._store.events:
+            raise ApiError(404, "webhooks_disabled", "no --webhook-url is set: there are no events")
+
+    @app.route("/api/v1/webhooks/failed", methods=["GET"])
+    async def failed_events(self, request: IRequest) -> bytes:
+        set_route(request, "webhooks")
+        self._webhooks_enabled()
+        limit, after = page_query(request, cursor=b"after")
+        events = await store_answer(
+            self._metrics, "failed_events", self._store.failed_events(limit, after)
+        )
+        return respond(
+            request,
+            {
+                "events": [
+                    {
+                        "id": e.event_id,
+                        "type": e.type,
+                        "created_at": rfc3339(e.created_at),
+                        "attempts": e.attempts,
+                        "last_error": e.last_error,
+                    }
+                    for e in events
+                ],
+                "next": str(events[-1].row) if len(events) == limit else None,
+            },
+        )
+
+    @app.route("/api/v1/webhooks/failed/retry", methods=["POST"])
+    async def retry_all(self, request: IRequest) -> bytes:
+        return await self._retry(request, None)
+
+    @app.route("/api/v1/webhooks/failed/<string:event_id>/retry", methods=["POST"])
+    async def retry_one(self, request: IRequest, event_id: str) -> bytes:
+        return await self._retry(request, event_id)
+
+    async def _retry(self, request: IRequest, event_id: str | None) -> bytes:
+        set_route(request, "webhooks")
+        self._webhooks_enabled()
+        now = int(self._clock.seconds())
+        retried = await store_answer(
+            self._metrics, "retry_failed_events", self._store.retry_failed_events(event_id, now)
+        )
+        if event_id is not None and retried == 0:
+            raise ApiError(404, "event_not_found", "no failed event has this id")
+        if retried:
+            self._store.event_written()  # deliver them now, not at the next look
+        return respond(request, {"retried": retried})
 
     @app.route("/healthz", methods=["GET"])
     async def healthz(self, request: IRequest) -> bytes:

@@ -171,11 +171,12 @@ def internal_token_view(record: TokenRecord) -> dict[str, Any]:
     return view
 
 
-def ledger_page(request: IRequest) -> tuple[int, int | None]:
-    """``?limit=`` (1-500, default 50) and ``?before=`` (the ``next`` of the previous page)."""
+def page_query(request: IRequest, cursor: bytes = b"before") -> tuple[int, int | None]:
+    """``?limit=`` (1-500, default 50) and the cursor (``?before=``, or another name): the
+    ``next`` of the previous page."""
     args = request.args or {}
     limit = _query_int(args, b"limit", LEDGER_PAGE, 1, MAX_LEDGER_PAGE)
-    before = _query_int(args, b"before", None, 1, 2**63 - 1)
+    before = _query_int(args, cursor, None, 1, 2**63 - 1)
     assert limit is not None
     return limit, before
 
