@@ -122,6 +122,25 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "seconds to wait before each retry of an event (comma list, +-10 % jitter); after the "
         "last it is failed",
     ),
+    Setting(
+        "pass-price",
+        None,
+        "atomic units a pass costs, taken from the buying token's balance (Privacy Pass "
+        "issuer, token type 1)",
+        shown_default="unset: no passes",
+    ),
+    Setting(
+        "pass-key-file",
+        None,
+        'JSON {"seed": "<64 hex>", "info": "<text>"} the issuer keys are derived from',
+        shown_default="<data-dir>/pass.key, made at first start",
+    ),
+    Setting(
+        "pass-key-lifetime",
+        "2592000",
+        "seconds an issuer key is current before the next (the previous one still verifies "
+        "for as long); 0: one key, never rotated",
+    ),
     Setting("no-monitor", None, "serve without polling the wallet (a second API node)", True),
 )
 
@@ -188,6 +207,9 @@ class Config:
     webhook_url: str | None = None
     webhook_signing: str = "hmac"
     webhook_retry_schedule: tuple[int, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+    pass_price: int | None = None
+    pass_key_file: Path | None = None
+    pass_key_lifetime: int = 2_592_000
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -335,6 +357,14 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         webhook_url=parse("webhook-url", _webhook_url),
         webhook_signing=parse("webhook-signing", _webhook_signing),
         webhook_retry_schedule=parse("webhook-retry-schedule", _retry_schedule),
+        pass_price=parse(
+            "pass-price", lambda x: None if x is None else _bounded_int("pass-price", x, 1)
+        ),
+        pass_key_file=parse("pass-key-file", lambda x: None if x is None else Path(x)),
+        pass_key_lifetime=parse(
+            "pass-key-lifetime",
+            lambda x: _bounded_int("pass-key-lifetime", x, 0, 10 * 366 * 86_400),
+        ),
     )
     if errors:
         raise ConfigError("; ".join(errors))

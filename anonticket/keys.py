@@ -83,6 +83,14 @@ def load_or_create_key_file(
 
 
 def _read_key_file(path: Path, size: int, if_lost: str) -> bytes:
+    key = read_private_file(path, size + 1)
+    if len(key) != size:
+        raise DataDirError(f"{path} must hold exactly {size} bytes; {if_lost}")
+    return key
+
+
+def read_private_file(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of a regular file only its owner may read (no symlink)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as e:
@@ -94,12 +102,9 @@ def _read_key_file(path: Path, size: int, if_lost: str) -> bytes:
             raise DataDirError(f"{path} is not a regular file")
         if mode & 0o077:
             raise DataDirError(f"{path} is accessible to other users (mode {mode:o}); chmod 600 it")
-        key = os.read(fd, size + 1)
+        return os.read(fd, limit)
     finally:
         os.close(fd)
-    if len(key) != size:
-        raise DataDirError(f"{path} must hold exactly {size} bytes; {if_lost}")
-    return key
 
 
 def fsync_dir(path: Path) -> None:
@@ -113,6 +118,7 @@ def fsync_dir(path: Path) -> None:
 _CHECK_PERSON: Final = b"anonticket-kchk"
 _IDEMPOTENCY_PERSON: Final = b"anonticket.idem"
 _FINGERPRINT_PERSON: Final = b"anonticket.fp"
+_PASS_PERSON: Final = b"anonticket.pass"
 
 
 class Tagger:
@@ -133,10 +139,18 @@ class Tagger:
         """An Idempotency-Key as stored: a service's keys may carry its own order numbers."""
         return self._tag(key, _IDEMPOTENCY_PERSON)
 
-    def fingerprint(self, token_tag: bytes, amount: int, memo: str | None) -> bytes:
-        """What a repeated Idempotency-Key must repeat: the token, the amount and the memo."""
+    def fingerprint(
+        self, token_tag: bytes, amount: int, memo: str | None, extra: bytes = b""
+    ) -> bytes:
+        """What a repeated Idempotency-Key must repeat: the token, the amount, the memo, and
+        what else the request carries (``extra``: the digest of a pass purchase's requests)."""
         memo_bytes = b"\xff" if memo is None else b"\x00" + memo.encode("utf-8")
-        return self._tag(token_tag + amount.to_bytes(8, "big") + memo_bytes, _FINGERPRINT_PERSON)
+        data = token_tag + amount.to_bytes(8, "big") + len(memo_bytes).to_bytes(4, "big")
+        return self._tag(data + memo_bytes + extra, _FINGERPRINT_PERSON)
+
+    def pass_tag(self, nonce: bytes, key_id: bytes) -> bytes:
+        """A used pass as stored: its nonce under the key that issued it."""
+        return self._tag(nonce + key_id, _PASS_PERSON)
 
     def key_check(self) -> bytes:
         """What the database keeps to recognise this key (anonticket.store.keycheck)."""

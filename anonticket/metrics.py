@@ -44,6 +44,17 @@ LOOKUP_OUTCOMES = (
     "error",
 )
 REVOKE_OUTCOMES = ("revoked", "already_revoked", "not_found", "invalid", "error")
+PASS_ISSUANCE_OUTCOMES = (
+    "issued",
+    "replayed",
+    "insufficient_balance",
+    "token_revoked",
+    "token_suspended",
+    "not_found",
+    "invalid",
+    "error",
+)
+PASS_VERIFICATION_OUTCOMES = ("valid", "already_used", "invalid", "error")
 SPEND_OUTCOMES = (
     "spent",
     "replayed",
@@ -116,6 +127,27 @@ class Metrics:
             registry=r,
         )
         self.spend_outcomes = Outcomes(self.spends, SPEND_OUTCOMES)
+        self.pass_issuances = Counter(
+            "anonticket_pass_issuance_requests",
+            "Pass token requests on the public site by outcome: issued, replayed, "
+            "insufficient_balance, token_revoked, token_suspended, not_found, invalid, error.",
+            ["outcome"],
+            registry=r,
+        )
+        self.pass_issuance_outcomes = Outcomes(self.pass_issuances, PASS_ISSUANCE_OUTCOMES)
+        self.passes_issued = Counter(
+            "anonticket_passes_issued", "Passes evaluated (replays included).", registry=r
+        )
+        self.pass_verifications = Counter(
+            "anonticket_pass_verifications",
+            "Pass verifications on the internal site by outcome: valid, already_used, invalid, "
+            "error.",
+            ["outcome"],
+            registry=r,
+        )
+        self.pass_verification_outcomes = Outcomes(
+            self.pass_verifications, PASS_VERIFICATION_OUTCOMES
+        )
         self.webhook_deliveries = Counter(
             "anonticket_webhook_deliveries",
             "Webhook delivery attempts by outcome: delivered, retry (to be tried again), "

@@ -13,19 +13,22 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from anonticket.config import Config, ConfigError, Options, from_options, onion_port
-from anonticket.keys import DataDirError
+from anonticket.keys import DataDirError, prepare_data_dir
 from anonticket.limits import raise_fd_limit
 from anonticket.metrics import Metrics
 from anonticket.monitor import Monitor, MonitorService, WalletService
 from anonticket.onion import OnionService
+from anonticket.passes.issuer import load_keys
 from anonticket.store import DatabaseError, Store, StoreService
 from anonticket.store.housekeeping import PurgeService
 from anonticket.wallet import WalletClient
 from anonticket.web.http import PrivacySite
 from anonticket.web.internal import InternalAPI
+from anonticket.web.passes import Passes
 from anonticket.web.public import PublicAPI
 from anonticket.web.service import SiteService, StartupError
 from anonticket.webhook.delivery import WebhookService, load_node_id
@@ -76,11 +79,13 @@ def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> Anont
         events=config.webhook_url is not None,
     )
     StoreService(store, reactor).setServiceParent(root)
+    pass_issuer = passes(config, store, metrics, reactor)
     PurgeService(
         store,
         reactor,
         config.idempotency_retention,
         failed=metrics.store_errors.labels("purge").inc,
+        oldest_pass_period=None if pass_issuer is None else pass_issuer.oldest_period,
     ).setServiceParent(root)
     if config.webhook_url is not None:
         WebhookService(
@@ -115,7 +120,7 @@ def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> Anont
         )
         monitor.setServiceParent(root)
 
-    public = PublicAPI(store, metrics, reactor, config.min_confirmations)
+    public = PublicAPI(store, metrics, reactor, config.min_confirmations, passes=pass_issuer)
     public_site = PrivacySite(public.app.resource(), name="public", metrics=metrics, clock=reactor)
     virtual_port = onion_port(config.public)
     if virtual_port is not None:
@@ -133,12 +138,30 @@ def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> Anont
     else:
         SiteService(reactor, "public", config.public, public_site).setServiceParent(root)
 
-    internal = InternalAPI(store, metrics, reactor, config.min_confirmations, monitor=monitor)
+    internal = InternalAPI(
+        store, metrics, reactor, config.min_confirmations, monitor=monitor, passes=pass_issuer
+    )
     internal_site = PrivacySite(
         internal.app.resource(), name="internal", metrics=metrics, clock=reactor
     )
     SiteService(reactor, "internal", config.internal, internal_site).setServiceParent(root)
     return root
+
+
+def passes(config: Config, store: Store, metrics: Metrics, reactor: Any) -> Passes | None:
+    """The pass issuer (its public and internal sides), with --pass-price."""
+    if config.pass_price is None:
+        return None
+    prepare_data_dir(config.data_dir)
+    try:
+        keys = load_keys(config.data_dir, config.pass_key_file, config.pass_key_lifetime)
+    except DataDirError as e:
+        raise SystemExit(f"anonticket: {e}") from None
+
+    def threads(fn: Any, *args: Any) -> Any:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
+
+    return Passes(keys, config.pass_price, store, metrics, reactor, threads)
 
 
 def announce(loaded: tuple[Signer, str | None]) -> Signer:

@@ -336,7 +336,7 @@ class Store:
         args = (
             token_tag,
             key_tag,
-            tagger.fingerprint(token_tag, request.amount, request.memo),
+            tagger.fingerprint(token_tag, request.amount, request.memo, request.extra),
             request.amount,
             request.memo,
             request.if_match,
@@ -367,6 +367,15 @@ class Store:
 
         answered: Deferred[SpendResult] = d.addErrback(raced).addCallback(done)
         return answered.addBoth(finished)
+
+    def use_pass(self, nonce: bytes, key_id: bytes, period: int, now: int) -> Deferred[bool]:
+        """Record a pass as used: True the first time, on any node; False after."""
+        tag = self.tagger.pass_tag(nonce, key_id)
+        return self._run(spending.use_pass, tag, period, now)
+
+    def purge_used_passes(self, below_period: int, limit: int = 10_000) -> Deferred[int]:
+        """Forget used passes of issuer keys older than ``below_period`` (none verifies)."""
+        return self._run(spending.purge_used_passes, below_period, limit)
 
     def ledger(
         self, token: ServiceToken, limit: int, before: int | None

@@ -1,5 +1,6 @@
 """Forgetting what the store keeps only for a while: Idempotency-Keys past their retention,
-and events delivered a week ago (kept that long to answer "did you send it?")."""
+events delivered a week ago (kept that long to answer "did you send it?"), and used passes of
+issuer keys no pass verifies under any more."""
 
 from __future__ import annotations
 
@@ -37,12 +38,16 @@ class PurgeService(Service):
         retention: int,
         failed: Callable[[], None] = lambda: None,
         interval: float = PURGE_INTERVAL,
+        oldest_pass_period: Callable[[float], int] | None = None,
     ) -> None:
+        """``oldest_pass_period``: the oldest issuer key period a pass still verifies under
+        (with --pass-price); used passes of older keys are forgotten."""
         self._store = store
         self._clock = clock
         self._retention = retention
         self._failed = failed
         self._interval = interval
+        self._oldest_pass_period = oldest_pass_period
         self._loop: LoopingCall | None = None
         self._done: Deferred[LoopingCall] | None = None
 
@@ -71,6 +76,12 @@ class PurgeService(Service):
         await self._purge_one(
             "delivered events", self._store.purge_delivered_events, now - DELIVERED_RETENTION
         )
+        if self._oldest_pass_period is not None:
+            await self._purge_one(
+                "used passes of expired keys",
+                self._store.purge_used_passes,
+                self._oldest_pass_period(now),
+            )
 
     async def _purge_one(
         self, what: str, purge: Callable[[int, int], Deferred[int]], before: int

@@ -162,6 +162,7 @@ class SpendRequest:
     memo: str | None
     key: bytes
     if_match: int | None = None
+    extra: bytes = b""  # what else a repeated key must repeat (a pass purchase's requests)
 
     def __repr__(self) -> str:
         # Never let a token, key, amount or memo reach a log line through a repr.

@@ -199,3 +199,31 @@ def ledger(
         LedgerEntry(int(i), LedgerKind(int(kind)), int(amount), int(at), spend_id, memo)
         for i, kind, amount, at, spend_id, memo in rows
     ]
+
+
+@writes
+def use_pass(txn: Txn, d: Dialect, nonce_tag: bytes, period: int, now: int) -> bool:
+    """True for the first use of this pass, on any node: the insert decides, not a read."""
+    d.start_write(txn)
+    row = txn.execute(
+        d.sql(
+            "INSERT INTO used_passes (nonce_tag, period, used_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (nonce_tag) DO NOTHING RETURNING period"
+        ),
+        (nonce_tag, period, now),
+    ).fetchone()
+    return row is not None
+
+
+@writes
+def purge_used_passes(txn: Txn, d: Dialect, below_period: int, limit: int) -> int:
+    """Forget used passes of keys no pass verifies under any more (periods below this)."""
+    d.start_write(txn)
+    rows = txn.execute(
+        d.sql(
+            "DELETE FROM used_passes WHERE nonce_tag IN (SELECT nonce_tag FROM used_passes "
+            "WHERE period < ? LIMIT ?) RETURNING period"
+        ),
+        (below_period, limit),
+    ).fetchall()
+    return len(rows)

@@ -62,13 +62,21 @@ class ApiError(Exception):
     """An error answer: HTTP status, stable code, stable message."""
 
     def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        *,
+        fields: dict[str, object] | None = None,
     ) -> None:
+        """``fields``: more members of the JSON answer (e.g. the balance of a refusal)."""
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.fields = fields or {}
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -103,7 +111,9 @@ def respond_body(request: IRequest, body: bytes, status: int = 200) -> bytes:
 def respond_error(request: IRequest, error: ApiError) -> bytes:
     for name, value in error.headers.items():
         request.setHeader(name.encode("ascii"), value.encode("ascii"))
-    return respond(request, {"error": error.message, "code": error.code}, error.status)
+    return respond(
+        request, {"error": error.message, "code": error.code, **error.fields}, error.status
+    )
 
 
 def read_json_object(request: IRequest, *, allow_empty: bool = False) -> dict[str, Any]:

@@ -36,7 +36,8 @@ from anonticket.web.http import (
     set_route,
     store_answer,
 )
-from anonticket.web.public import rfc3339, token_not_found
+from anonticket.web.passes import Passes
+from anonticket.web.public import passes_disabled, rfc3339, token_not_found
 from anonticket.web.spending import (
     etag,
     idempotency_key,
@@ -104,12 +105,21 @@ class InternalAPI:
         clock: IReactorTime,
         min_confirmations: int,
         monitor: MonitorHealth | None = None,
+        passes: Passes | None = None,
     ) -> None:
         self._store = store
         self._metrics = metrics
         self._clock = clock
         self._min_confirmations = min_confirmations
         self._monitor = monitor
+        self._passes = passes
+
+    @app.route("/api/v1/passes/verify", methods=["POST"])
+    async def verify_pass(self, request: IRequest) -> bytes:
+        set_route(request, "pass_verify")
+        if self._passes is None:
+            raise passes_disabled()
+        return await self._passes.verify(request, read_json_object(request))
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> bytes:

@@ -1,12 +1,13 @@
-"""The public site (published as the onion service): redeem a PID, look up a token.
+"""The public site (published as the onion service): redeem a PID, look up a token, and (with
+``--pass-price``) the pass issuer's directory and issuance.
 
-It has exactly two routes; anything else is a JSON 404, and revocation is not here at all.
+Anything else is a JSON 404; revocation, spends and pass verification are not here at all.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -26,6 +27,9 @@ from anonticket.store.records import (
     RedeemResult,
     TokenRecord,
 )
+
+if TYPE_CHECKING:  # passes.py imports this module
+    from anonticket.web.passes import Passes
 from anonticket.web.http import (
     ApiError,
     install_error_handlers,
@@ -47,6 +51,10 @@ def payment_not_found() -> ApiError:
 
 def token_not_found() -> ApiError:
     return ApiError(404, "token_not_found", "token not found")
+
+
+def passes_disabled() -> ApiError:
+    return ApiError(404, "passes_disabled", "this issuer sells no passes (--pass-price unset)")
 
 
 def below_minimum() -> ApiError:
@@ -92,11 +100,27 @@ class PublicAPI:
         metrics: Metrics,
         clock: IReactorTime,
         min_confirmations: int,
+        passes: Passes | None = None,
     ) -> None:
         self._store = store
         self._metrics = metrics
         self._clock = clock
         self._min_confirmations = min_confirmations
+        self._passes = passes
+
+    @app.route("/.well-known/private-token-issuer-directory", methods=["GET"])
+    def pass_directory(self, request: IRequest) -> bytes:
+        set_route(request, "pass_directory")
+        if self._passes is None:
+            raise passes_disabled()
+        return self._passes.directory(request)
+
+    @app.route("/api/v1/passes/token-request", methods=["POST"])
+    async def pass_token_request(self, request: IRequest) -> bytes:
+        set_route(request, "pass_issuance")
+        if self._passes is None:
+            raise passes_disabled()
+        return await self._passes.token_request(request)
 
     @app.route("/api/v1/redeem", methods=["POST"])
     def redeem(self, request: IRequest) -> bytes | Deferred[bytes]:
