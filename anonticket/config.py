@@ -141,6 +141,11 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "seconds an issuer key is current before the next (the previous one still verifies "
         "for as long); 0: one key, never rotated",
     ),
+    Setting(
+        "pass-batch-max",
+        "100",
+        "token requests one POST /api/v1/passes may carry (1 to 100)",
+    ),
     Setting("no-monitor", None, "serve without polling the wallet (a second API node)", True),
 )
 
@@ -210,6 +215,7 @@ class Config:
     pass_price: int | None = None
     pass_key_file: Path | None = None
     pass_key_lifetime: int = 2_592_000
+    pass_batch_max: int = 100
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -365,6 +371,7 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
             "pass-key-lifetime",
             lambda x: _bounded_int("pass-key-lifetime", x, 0, 10 * 366 * 86_400),
         ),
+        pass_batch_max=parse("pass-batch-max", lambda x: _bounded_int("pass-batch-max", x, 1, 100)),
     )
     if errors:
         raise ConfigError("; ".join(errors))

@@ -26,7 +26,7 @@ from anonticket.passes.issuer import load_keys
 from anonticket.store import DatabaseError, Store, StoreService
 from anonticket.store.housekeeping import PurgeService
 from anonticket.wallet import WalletClient
-from anonticket.web.http import PrivacySite
+from anonticket.web.http import MAX_BODY, PASS_BATCH_BODY, PrivacySite
 from anonticket.web.internal import InternalAPI
 from anonticket.web.passes import Passes
 from anonticket.web.public import PublicAPI
@@ -121,7 +121,13 @@ def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> Anont
         monitor.setServiceParent(root)
 
     public = PublicAPI(store, metrics, reactor, config.min_confirmations, passes=pass_issuer)
-    public_site = PrivacySite(public.app.resource(), name="public", metrics=metrics, clock=reactor)
+    public_site = PrivacySite(
+        public.app.resource(),
+        name="public",
+        metrics=metrics,
+        clock=reactor,
+        max_body=MAX_BODY if pass_issuer is None else PASS_BATCH_BODY,
+    )
     virtual_port = onion_port(config.public)
     if virtual_port is not None:
         # Listens on a socket only tor reaches, then publishes it; never delays the rest.
@@ -161,7 +167,7 @@ def passes(config: Config, store: Store, metrics: Metrics, reactor: Any) -> Pass
     def threads(fn: Any, *args: Any) -> Any:
         return deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
 
-    return Passes(keys, config.pass_price, store, metrics, reactor, threads)
+    return Passes(keys, config.pass_price, config.pass_batch_max, store, metrics, reactor, threads)
 
 
 def announce(loaded: tuple[Signer, str | None]) -> Signer:

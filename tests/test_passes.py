@@ -325,3 +325,39 @@ async def test_used_passes_of_expired_keys_are_forgotten(store):
     assert await store.use_pass(*old, 0, 5) and await store.use_pass(*current, 2, 5)
     assert await store.purge_used_passes(1) == 1
     assert not await store.use_pass(*current, 2, 6)  # still remembered
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_of_passes_is_one_purchase(tmp_path, http):
+    async with pass_daemon(tmp_path) as daemon:
+        public_key, _ = await directory(daemon, http)
+        token = await funded_token(daemon, http, amount=150 * PRICE)
+        made = [blind(public_key) for _ in range(100)]
+        body = {"requests": [b64url(request) for _, _, request in made]}
+        assert len(json.dumps(body)) > 4096  # more than other sites take, less than 8192
+        headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": "batch-1"}
+        url = daemon.public_url + "/api/v1/passes"
+        code, answer, _ = await post_json(http, url, body, headers)
+        assert code == 200 and answer["balance"] == 50 * PRICE
+        passes = [
+            finalize(client, token_input, unb64url(response), public_key)
+            for (client, token_input, _), response in zip(made, answer["responses"], strict=True)
+        ]
+        code, again, replayed = await post_json(http, url, body, headers)
+        assert code == 200 and again["balance"] == 50 * PRICE
+        assert replayed.getRawHeaders(b"idempotent-replayed") == [b"true"]
+        verify = daemon.internal_url + "/api/v1/passes/verify"
+        for the_pass in passes[:3]:
+            assert (await post_json(http, verify, {"token": b64url(the_pass)}))[0] == 200
+        for bad in ({"requests": []}, {"requests": ["AA"]}, {"requests": "x"}, {}):
+            code, answer, _ = await post_json(http, url, bad, {**headers, "Idempotency-Key": "b"})
+            assert code == 400, bad
+        too_many = {"requests": body["requests"] + body["requests"][:1]}
+        code, answer, _ = await post_json(http, url, too_many, {**headers, "Idempotency-Key": "c"})
+        assert (code, answer["code"]) == (400, "invalid_request")
+        _, view, _ = await get_json(http, f"{daemon.public_url}/api/v1/token/{token}")
+        assert view["balance"] == 50 * PRICE
+        ledger = await daemon.store.ledger(ServiceToken.parse(token), 10, None)
+        assert [(e.amount, e.memo) for e in ledger if e.kind.name == "SPEND"] == [
+            (100 * PRICE, "100 passes")
+        ]

@@ -40,6 +40,8 @@ from anonticket.web.guard import BrowserGuard, routing_host
 from anonticket.web.ratelog import LogBudget
 
 MAX_BODY: Final = 4096
+# A batch of 100 pass token requests in JSON (base64url, 73 bytes each with quotes and comma).
+PASS_BATCH_BODY: Final = 8192
 # After a 413, keep reading (and dropping) this much before hanging up, so the client sees our
 # answer instead of a connection reset caused by unread data.
 _DISCARD_LIMIT: Final = 64 * 1024
@@ -130,9 +132,10 @@ def read_json_object(request: IRequest, *, allow_empty: bool = False) -> dict[st
     content = request.content
     assert content is not None
     content.seek(0)
-    raw = content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:  # the Request already refuses these; this keeps the bound local
-        raise ApiError(413, "body_too_large", f"request body exceeds {MAX_BODY} bytes")
+    limit = body_limit(request)
+    raw = content.read(limit + 1)
+    if len(raw) > limit:  # the Request already refuses these; this keeps the bound local
+        raise ApiError(413, "body_too_large", f"request body exceeds {limit} bytes")
     if not raw.strip() and allow_empty:
         return {}
     try:
@@ -142,6 +145,12 @@ def read_json_object(request: IRequest, *, allow_empty: bool = False) -> dict[st
     if not isinstance(value, dict):
         raise ApiError(400, "invalid_request", "request body must be a JSON object")
     return value
+
+
+def body_limit(request: object) -> int:
+    """The largest body the request's site takes."""
+    site = getattr(getattr(request, "channel", None), "site", None)
+    return site.max_body if isinstance(site, PrivacySite) else MAX_BODY
 
 
 def install_error_handlers(app: Klein, site: str) -> None:
@@ -229,6 +238,7 @@ class LimitedRequest(server.Request):
 
     _rejected = False
     _received = 0
+    _limit = MAX_BODY  # the site's, from gotLength on
     started_at = 0.0
     _site: PrivacySite | None = None  # the site counting this request while it is in flight
 
@@ -236,7 +246,8 @@ class LimitedRequest(server.Request):
         # twisted.web buffers a chunked body (length None) in a temporary *file*; keep every
         # body in memory, which the limit below bounds.
         self.content = BytesIO()
-        if length is not None and length > MAX_BODY:
+        self._limit = body_limit(self)
+        if length is not None and length > self._limit:
             self._reject()
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -245,7 +256,7 @@ class LimitedRequest(server.Request):
             if self._received > _DISCARD_LIMIT:
                 _transport(self.channel).abortConnection()
             return
-        if self._received > MAX_BODY:
+        if self._received > self._limit:
             self._reject()
             return
         assert self.content is not None
@@ -258,7 +269,7 @@ class LimitedRequest(server.Request):
         self._rejected = True
         # A client waiting for "100 Continue" must not get it after our final answer.
         self.requestHeaders.removeHeader(b"expect")
-        body = _error_bytes("body_too_large", f"request body exceeds {MAX_BODY} bytes")
+        body = _error_bytes("body_too_large", f"request body exceeds {self._limit} bytes")
         _transport(self.channel).write(
             b"HTTP/1.1 413 Request Entity Too Large\r\n"
             b"Content-Type: application/json\r\n"
@@ -504,6 +515,8 @@ class PrivacySite(server.Site):
     :param request_deadline: seconds from a request's first byte until its body is complete.
     :param browser_guard: refuse foreign ``Host`` values and cross-site browser requests
         (default: only for the site named ``internal``).
+    :param max_body: the largest request body taken (default :data:`MAX_BODY`; the public
+        site of a pass issuer takes :data:`PASS_BATCH_BODY` for a batch of token requests).
     """
 
     protocol = PrivacyChannel  # type: ignore[assignment]  # no HTTP/2 negotiation wrapper
@@ -522,8 +535,10 @@ class PrivacySite(server.Site):
         max_connections: int | None = None,
         request_deadline: float = REQUEST_DEADLINE,
         browser_guard: bool | None = None,
+        max_body: int = MAX_BODY,
     ) -> None:
         super().__init__(_Guard(resource), timeout=timeout)
+        self.max_body = max_body
         self.name = name
         self.metrics = metrics
         self.clock = clock

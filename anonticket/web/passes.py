@@ -38,7 +38,7 @@ from anonticket.store.records import (
     SpendOutcome,
     SpendRequest,
 )
-from anonticket.web.http import MAX_BODY, ApiError, json_body, respond, store_answer
+from anonticket.web.http import ApiError, body_limit, json_body, respond, store_answer
 from anonticket.web.public import token_not_found
 from anonticket.web.spending import idempotency_key
 
@@ -66,6 +66,7 @@ class Passes:
         self,
         keys: IssuerKeys,
         price: int,
+        batch_max: int,
         store: Store,
         metrics: Metrics,
         clock: IReactorTime,
@@ -73,6 +74,7 @@ class Passes:
     ) -> None:
         self._keys = keys
         self._price = price
+        self._batch_max = batch_max
         self._store = store
         self._metrics = metrics
         self._clock = clock
@@ -86,9 +88,9 @@ class Passes:
             entry["not-before"] = key.not_before
         max_age = DIRECTORY_MAX_AGE
         if self._keys.lifetime:
-            max_age = max(
-                0, min(max_age, key.period * self._keys.lifetime + self._keys.lifetime - int(now))
-            )
+            # Never cached past the rotation: a client must not ask with a key gone stale.
+            rotation = (key.period + 1) * self._keys.lifetime
+            max_age = max(0, min(max_age, rotation - int(now)))
         request.setHeader(b"content-type", DIRECTORY_MEDIA.encode("ascii"))
         request.setHeader(b"cache-control", b"public, max-age=%d" % max_age)
         return json_body({"issuer-request-uri": REQUEST_PATH, "token-keys": [entry]})
@@ -101,26 +103,60 @@ class Passes:
             media = (request.getHeader(b"content-type") or b"").split(b";", 1)[0].strip()
             if media.lower() != REQUEST_MEDIA.encode("ascii"):
                 raise ApiError(415, "unsupported_media_type", f"the body must be {REQUEST_MEDIA}")
-            token = _bearer(request)
-            key = idempotency_key(request)
+            token, key = _bearer(request), idempotency_key(request)
             content = request.content
             assert content is not None
             content.seek(0)
-            body = content.read(MAX_BODY + 1)
+            body = content.read(body_limit(request) + 1)
             current = self._keys.current(self._clock.seconds())
-            token_request = _token_request(body, current)
+            requests = [_token_request(body, current)]
         except Exception:
             outcomes.count("invalid")
             raise
-        answer = await self._buy(token, key, [token_request], current)
-        response = (await self._evaluate(current, [token_request]))[0]
-        outcomes.count("replayed" if answer.replayed else "issued")
-        self._metrics.passes_issued.inc()
-        if answer.replayed:
-            request.setHeader(b"idempotent-replayed", b"true")
+        _, responses = await self._issue(request, token, key, requests, current)
         request.setHeader(b"content-type", RESPONSE_MEDIA.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
-        return response
+        return responses[0]
+
+    async def batch(self, request: IRequest, body: dict[str, Any]) -> bytes:
+        """The batch form: ``{"requests": [<base64url TokenRequest>, ...]}`` in, the responses
+        (and the balance after the purchase) out, paid as one spend."""
+        outcomes = self._metrics.pass_issuance_outcomes
+        try:
+            token, key = _bearer(request), idempotency_key(request)
+            current = self._keys.current(self._clock.seconds())
+            listed = body.get("requests")
+            if not isinstance(listed, list) or not 1 <= len(listed) <= self._batch_max:
+                raise ApiError(
+                    400,
+                    "invalid_request",
+                    f'"requests" must list 1 to {self._batch_max} base64url TokenRequests',
+                )
+            requests = [_token_request(_request_bytes(item), current) for item in listed]
+        except Exception:
+            outcomes.count("invalid")
+            raise
+        answer, responses = await self._issue(request, token, key, requests, current)
+        return respond(
+            request,
+            {"responses": [_b64url(r) for r in responses], "balance": answer.balance},
+        )
+
+    async def _issue(
+        self,
+        request: IRequest,
+        token: ServiceToken,
+        key: bytes,
+        requests: list[TokenRequest],
+        current: IssuerKey,
+    ) -> tuple[SpendAnswer, list[bytes]]:
+        answer = await self._buy(token, key, requests, current)
+        responses = await self._evaluate(current, requests)
+        self._metrics.pass_issuance_outcomes.count("replayed" if answer.replayed else "issued")
+        self._metrics.passes_issued.inc(len(responses))
+        if answer.replayed:
+            request.setHeader(b"idempotent-replayed", b"true")
+        return answer, responses
 
     async def _buy(
         self, token: ServiceToken, key: bytes, requests: list[TokenRequest], current: IssuerKey
@@ -233,6 +269,15 @@ def _bearer(request: IRequest) -> ServiceToken:
             {"WWW-Authenticate": "Bearer"},
         )
     return ServiceToken.parse(value[7:].strip().decode("ascii", "replace"))
+
+
+def _request_bytes(item: object) -> bytes:
+    try:
+        return _from_b64url(item)
+    except ValueError:
+        raise ApiError(
+            400, "invalid_token_request", "each request must be a base64url TokenRequest"
+        ) from None
 
 
 def _token_request(body: bytes, current: IssuerKey) -> TokenRequest:

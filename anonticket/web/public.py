@@ -115,6 +115,13 @@ class PublicAPI:
             raise passes_disabled()
         return self._passes.directory(request)
 
+    @app.route("/api/v1/passes", methods=["POST"])
+    async def pass_batch(self, request: IRequest) -> bytes:
+        set_route(request, "pass_issuance")
+        if self._passes is None:
+            raise passes_disabled()
+        return await self._passes.batch(request, read_json_object(request))
+
     @app.route("/api/v1/passes/token-request", methods=["POST"])
     async def pass_token_request(self, request: IRequest) -> bytes:
         set_route(request, "pass_issuance")
