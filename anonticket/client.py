@@ -13,8 +13,10 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, Final, NoReturn, TextIO
 from urllib.parse import urlsplit
 
@@ -38,6 +40,15 @@ from zope.interface import implementer
 from anonticket.address import NETWORK_BYTES, AddressError, make_integrated_address, parse_address
 from anonticket.domain import DomainError, PaymentId, ServiceToken
 from anonticket.httpbody import BodyTooLarge, BytesProducer, read_capped
+from anonticket.passes.client import (
+    PassError,
+    PassStore,
+    b64url,
+    blind,
+    finish,
+    from_b64url,
+    token_challenge,
+)
 
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
@@ -48,6 +59,7 @@ EXIT_REVOKED: Final = 5
 EXIT_SUSPENDED: Final = 6
 
 PROG: Final = "anonticket-client"
+DIRECTORY: Final = "/.well-known/private-token-issuer-directory"
 MAX_RESPONSE: Final = 64 * 1024
 DEFAULT_TIMEOUT: Final = 60.0  # Tor circuits to an onion service are slow to build
 ATOMIC_PER_XMR: Final = 10**12
@@ -217,11 +229,17 @@ class TorAgent:
 
 
 async def _exchange(
-    client: HTTPClient, method: str, url: str, payload: bytes | None
+    client: HTTPClient,
+    method: str,
+    url: str,
+    payload: bytes | None,
+    extra: dict[str, str] | None = None,
 ) -> tuple[int, bytes]:
     headers = Headers({b"Accept": [b"application/json"]})
     if payload is not None:
         headers.setRawHeaders(b"Content-Type", [b"application/json"])
+    for name, value in (extra or {}).items():
+        headers.setRawHeaders(name.encode("ascii"), [value.encode("ascii")])
     # No redirects: the answer must come from the server the user named.  Unbuffered: treq's
     # buffering would read the whole body without any cap.
     response = await client.request(
@@ -243,12 +261,17 @@ def _network_error_text(exc: BaseException) -> str:
 
 
 async def fetch(
-    reactor: Any, args: argparse.Namespace, method: str, path: str, payload: bytes | None = None
+    reactor: Any,
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    payload: bytes | None = None,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, str, dict[str, Any]]:
     """One HTTP exchange: the status, the body text and the JSON object in it."""
     agent = make_agent(reactor, args)
     client = HTTPClient(agent, data_to_body_producer=BytesProducer)
-    exchange = Deferred.fromCoroutine(_exchange(client, method, args.url + path, payload))
+    exchange = Deferred.fromCoroutine(_exchange(client, method, args.url + path, payload, headers))
 
     def timed_out(result: object, timeout: float) -> NoReturn:
         # Whatever the cancelled exchange reports (a cancelled connect, a dropped body), the
@@ -388,6 +411,79 @@ async def _status(reactor: Any, args: argparse.Namespace, out: TextIO, err: Text
     return _report(args, out, answer, _status_outcome)
 
 
+DEFAULT_STORE: Final = "~/.local/share/anonticket/passes.json"
+PASSES_PER_REQUEST: Final = 100  # the issuer's --pass-batch-max default
+
+
+async def _passes_buy(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    token = ServiceToken.parse(args.token)
+    code, _, directory = await fetch(reactor, args, "GET", DIRECTORY)
+    if code != 200:
+        raise _refusal(code, directory)
+    try:
+        public_key = from_b64url(directory["token-keys"][0]["token-key"])
+        if len(public_key) != 49:
+            raise ValueError(public_key)
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise ClientError("the issuer directory names no token key") from None
+    host = urlsplit(args.url).hostname or ""
+    challenge = from_b64url(args.challenge) if args.challenge else token_challenge(host)
+    store = PassStore(Path(os.path.expanduser(args.store)))
+    bought: list[bytes] = []
+    balance = 0
+    for start in range(0, args.count, PASSES_PER_REQUEST):
+        made = blind(public_key, challenge, min(PASSES_PER_REQUEST, args.count - start))
+        payload = json.dumps({"requests": [b64url(m.request) for m in made]}).encode()
+        headers = {"Authorization": f"Bearer {token.hex}", "Idempotency-Key": secrets.token_hex(16)}
+        answer = await _buy_once(reactor, args, payload, headers)
+        code, _, body = answer
+        if code != 200:
+            raise _refusal(code, body)
+        responses = body.get("responses")
+        if not isinstance(responses, list) or len(responses) != len(made):
+            raise _unexpected(code)
+        try:
+            answers = [from_b64url(str(r)) for r in responses]
+        except ValueError:
+            raise _unexpected(code) from None
+        passes = [finish(m, r, public_key) for m, r in zip(made, answers, strict=True)]
+        store.add(args.url, passes)  # kept at once: a later batch failing loses none of these
+        bought += passes
+        balance = _count(body, "balance", code)
+    _print_fields(
+        out,
+        [
+            ("passes bought", str(len(bought))),
+            ("balance", f"{balance} atomic units ({format_xmr(balance)} XMR)"),
+            ("stored in", str(store.path)),
+        ],
+    )
+    return EXIT_OK
+
+
+async def _buy_once(
+    reactor: Any, args: argparse.Namespace, payload: bytes, headers: dict[str, str]
+) -> tuple[int, str, dict[str, Any]]:
+    """One purchase; when no answer comes, asked again with the same Idempotency-Key and the
+    same requests, so it is paid once however often it is retried."""
+    for attempt in range(3):
+        try:
+            return await fetch(reactor, args, "POST", "/api/v1/passes", payload, headers)
+        except ClientError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _passes_use(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    store = PassStore(Path(os.path.expanduser(args.store)))
+    taken = store.take(args.issuer)
+    if taken is None:
+        raise ClientError("no unused pass left: buy some with 'passes buy'", EXIT_NOT_FOUND)
+    print(f'PrivateToken token="{taken}"', file=out)
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -501,7 +597,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("token", help="the 64-hex service token")
     status.set_defaults(handler=_status)
+    passes = commands.add_parser(
+        "passes",
+        help="buy unlinkable passes with a token's balance, and use them",
+        description="Privacy Pass (RFC 9578 type 1): passes bought with a token cannot be "
+        "linked to it when they are used.",
+    )
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument(
+        "--store",
+        default=DEFAULT_STORE,
+        metavar="PATH",
+        help=f"the owner-only file the passes are kept in (default {DEFAULT_STORE})",
+    )
+    actions = passes.add_subparsers(dest="action", required=True, metavar="ACTION")
+    buy = actions.add_parser(
+        "buy",
+        parents=[common, remote, store],
+        help="buy passes: blinded here, paid from the token, proofs checked",
+    )
+    buy.add_argument("token", help="the 64-hex service token paying for them")
+    buy.add_argument("--count", type=_pass_count, default=1, help="how many (default 1)")
+    buy.add_argument(
+        "--challenge",
+        metavar="BASE64URL",
+        help="the service's TokenChallenge (default: type 1, this issuer's host, no context)",
+    )
+    buy.set_defaults(handler=_passes_buy)
+    use = actions.add_parser(
+        "use",
+        parents=[store],
+        help="print one unused pass as an Authorization header value, and mark it used",
+    )
+    use.add_argument("--issuer", type=_base_url, help="only a pass bought from this URL")
+    use.set_defaults(handler=_passes_use)
     return parser
+
+
+def _pass_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 10_000:
+        raise argparse.ArgumentTypeError("must be a whole number from 1 to 10000")
+    return int(text)
 
 
 async def run(reactor: Any, argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
@@ -518,6 +654,8 @@ async def run(reactor: Any, argv: Sequence[str], stdout: TextIO, stderr: TextIO)
         message, code = str(exc), exc.exit_code
     except DomainError as exc:
         message, code = exc.message, EXIT_USAGE
+    except PassError as exc:
+        message, code = str(exc), EXIT_ERROR
     except Exception as exc:  # one line, never a traceback
         message, code = f"unexpected {type(exc).__name__}: {_printable(str(exc))}", EXIT_ERROR
     print(f"{PROG}: error: {message}", file=stderr)

@@ -361,3 +361,46 @@ async def test_a_batch_of_passes_is_one_purchase(tmp_path, http):
         assert [(e.amount, e.memo) for e in ledger if e.kind.name == "SPEND"] == [
             (100 * PRICE, "100 passes")
         ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_client_buys_checks_stores_and_uses_passes(tmp_path, http):
+    import io
+
+    from anonticket.client import run
+
+    async def cli(*argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = await run(reactor, list(argv), out, err)
+        return code, out.getvalue(), err.getvalue()
+
+    store = tmp_path / "me" / "passes.json"
+    async with pass_daemon(tmp_path) as daemon:
+        token = await funded_token(daemon, http, amount=150 * PRICE)
+        url = ["--url", daemon.public_url, "--store", str(store)]
+        code, out, err = await cli("passes", "buy", token, "--count", "120", *url)
+        assert (code, err) == (0, ""), err
+        fields = dict(line.split(":", 1) for line in out.splitlines())
+        assert fields["passes bought"].strip() == "120"
+        assert fields["balance"].strip().startswith(f"{30 * PRICE} atomic units")
+        assert store.stat().st_mode & 0o077 == 0 and store.parent.stat().st_mode & 0o077 == 0
+        _, view, _ = await get_json(http, f"{daemon.public_url}/api/v1/token/{token}")
+        assert view["balance"] == 30 * PRICE  # two purchases: 100 and 20
+        # Each pass is used once locally and verifies once at the service.
+        verify = daemon.internal_url + "/api/v1/passes/verify"
+        seen = set()
+        for _ in range(3):
+            code, out, _ = await cli("passes", "use", "--store", str(store))
+            assert code == 0 and out.startswith('PrivateToken token="')
+            value = out.strip()[len('PrivateToken token="') : -1]
+            assert value not in seen
+            seen.add(value)
+            assert (await post_json(http, verify, {"token": value}))[0] == 200
+        code, out, err = await cli("passes", "buy", token, "--count", "31", *url)
+        assert code == 1 and "balance is too low" in err
+        stored = json.loads(store.read_text())
+        assert len(stored["passes"]) == 120
+        assert sum(1 for p in stored["passes"] if p["used"]) == 3
+    empty = tmp_path / "empty.json"
+    code, _, err = await cli("passes", "use", "--store", str(empty))
+    assert code == 4 and "no unused pass" in err
