@@ -11,8 +11,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from anonticket.store import Store
 
 from . import tor_privnet
 from .conftest import reactor, transfer
-from .daemonproc import Daemon, client
+from .daemonproc import Daemon, client, run_client
 
 pytestmark = pytest.mark.skipif(
     not tor_privnet.available(), reason="needs tor and tor-gencert (Debian package tor)"
@@ -135,3 +138,70 @@ async def test_redeem_and_status_through_the_onion(network, tmp_path, mode, caps
             f"\n[onion e2e] {mode}: published after {published:.1f}s, "
             f"redeem + status through the onion done {elapsed:.1f}s after start"
         )
+
+
+@pytest_twisted.ensureDeferred
+async def test_passes_bought_through_the_onion_verify_once(network, tmp_path, capsys):
+    """A user with a funded token buys passes through the onion (the private Tor network) with
+    anonticket-client; the service checks each once on the internal site."""
+    pid = PaymentId.parse("0123456789abcdef")
+    await seed(tmp_path / "data", pid, 10**6)
+    daemon = Daemon(
+        tmp_path / "data",
+        "--no-monitor",
+        "--tor-control",
+        network.service_tor(),
+        "--pass-price",
+        "1000",
+        public="onion:80",
+    )
+    daemon.start()
+    store = tmp_path / "passes.json"
+    try:
+        wait_state(daemon, "published", 120)
+        body = redeem_over_tor(daemon, network, pid.hex)
+        url = "http://" + (daemon.data_dir / "onion_hostname").read_text().strip()
+        started = time.monotonic()
+        bought = run_client(
+            "passes",
+            "buy",
+            body["service_token"],
+            "--count",
+            "5",
+            "--url",
+            url,
+            "--socks",
+            network.client_socks_endpoint,
+            "--store",
+            str(store),
+            timeout=120,
+        )
+        took = time.monotonic() - started
+        assert (bought.returncode, bought.stderr) == (0, ""), bought.stderr
+        answers = []
+        for _ in range(5):
+            used = run_client("passes", "use", "--store", str(store))
+            assert used.returncode == 0
+            value = used.stdout.strip()[len('PrivateToken token="') : -1]
+            answers.append(_verify(daemon, value))
+            answers.append(_verify(daemon, value))
+    finally:
+        daemon.stop()
+    assert answers == [200, 409] * 5
+    log = daemon.log_text()
+    assert "Traceback" not in log and body["service_token"] not in log
+    with capsys.disabled():
+        print(f"\n[onion e2e] 5 passes bought through the onion in {took:.1f}s (whole process)")
+
+
+def _verify(daemon: Daemon, token: str) -> int:
+    request = urllib.request.Request(
+        daemon.internal_url + "/api/v1/passes/verify",
+        data=json.dumps({"token": token}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
