@@ -83,7 +83,10 @@ class Passes:
     def directory(self, request: IRequest) -> bytes:
         now = self._clock.seconds()
         key = self._keys.current(now)
-        entry: dict[str, Any] = {"token-type": 1, "token-key": _b64url(key.public_key)}
+        # RFC 9578 section 4: base64url "including padding" (decoders such as Cloudflare's
+        # privacypass-ts refuse it unpadded).
+        encoded = base64.urlsafe_b64encode(key.public_key).decode("ascii")
+        entry: dict[str, Any] = {"token-type": 1, "token-key": encoded}
         if key.not_before is not None:
             entry["not-before"] = key.not_before
         max_age = DIRECTORY_MAX_AGE
