@@ -178,6 +178,7 @@ __all__ = ["Daemon", "get_json", "post_json", "transfer", "treq"]
 # `scripts/test -m "not slow"` is a quick loop; the README's command runs everything.
 _SLOW_MODULES = frozenset(
     {
+        "test_bench_passes",
         "test_bench_smoke",
         "test_crash",
         "test_demo",
@@ -185,6 +186,7 @@ _SLOW_MODULES = frozenset(
         "test_monero_regtest",
         "test_onion_e2e",
         "test_onion_tor",
+        "test_passes_interop",
         "test_reorg_e2e",
         "test_tor_privnet",
         "test_twistd",
