@@ -23,6 +23,7 @@ from anonticket.passes.issuer import IssuerKeys, load_keys
 from anonticket.passes.wire import Token, TokenRequest, token_key_id
 
 from .conftest import _daemon, get_json, post_json, reactor, transfer
+from .webhookreceiver import Receiver
 
 PID = "0123456789abcdef"
 AMOUNT = 10_000
@@ -162,7 +163,9 @@ async def test_rfc_9497_vectors_through_the_serving_path(tmp_path, http):
 async def test_a_pass_is_bought_once_verified_once_and_nothing_links_it_to_the_purchase(
     tmp_path, http, caplog_events
 ):
-    async with pass_daemon(tmp_path) as daemon:
+    receiver = Receiver()  # events are looked at too
+    hook = receiver.listen()
+    async with pass_daemon(tmp_path, **{"webhook-url": hook}) as daemon:
         public_key, _ = await directory(daemon, http)
         token = await funded_token(daemon, http)
         client, token_input, request = blind(public_key)
@@ -201,6 +204,10 @@ async def test_a_pass_is_bought_once_verified_once_and_nothing_links_it_to_the_p
         "nonce": Token.parse(the_pass).nonce,
         "authenticator": Token.parse(the_pass).authenticator,
     }
+    await receiver.wait_for(2)  # token.issued, token.spent
+    await receiver.stop()
+    events = b"\n".join(d.body for d in receiver.deliveries)
+    assert [d.event["type"] for d in receiver.deliveries] == ["token.issued", "token.spent"]
     database = (tmp_path / "data" / "anonticket.sqlite3").read_bytes()
     conn = sqlite3.connect(tmp_path / "data" / "anonticket.sqlite3")
     dumped = "\n".join(conn.iterdump()).encode()
@@ -208,7 +215,7 @@ async def test_a_pass_is_bought_once_verified_once_and_nothing_links_it_to_the_p
     logs = "\n".join(caplog_events)
     for name, value in secrets.items():
         for form in (value, value.hex().encode(), b64url(value).encode()):
-            assert form not in database and form not in dumped, name
+            assert form not in database and form not in dumped and form not in events, name
             assert form.decode("latin-1") not in logs and form.decode("latin-1") not in metrics
     # The ledger knows a count and a price, nothing per pass.
     spends = [(e.kind.name, e.amount, e.memo) for e in ledger if e.kind.name == "SPEND"]
@@ -328,8 +335,8 @@ async def test_used_passes_of_expired_keys_are_forgotten(store):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_batch_of_passes_is_one_purchase(tmp_path, http):
-    async with pass_daemon(tmp_path) as daemon:
+async def test_a_batch_of_passes_is_one_purchase(database_url, tmp_path, http):
+    async with pass_daemon(tmp_path, database_url) as daemon:
         public_key, _ = await directory(daemon, http)
         token = await funded_token(daemon, http, amount=150 * PRICE)
         made = [blind(public_key) for _ in range(100)]
