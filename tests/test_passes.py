@@ -411,3 +411,34 @@ async def test_the_client_buys_checks_stores_and_uses_passes(tmp_path, http):
     empty = tmp_path / "empty.json"
     code, _, err = await cli("passes", "use", "--store", str(empty))
     assert code == 4 and "no unused pass" in err
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_nodes_share_keys_and_each_pass_verifies_once_across_them(
+    pg_server, tmp_path, http
+):
+    """Two daemons on one PostgreSQL with one --pass-key-file (and secret.key): a pass bought on
+    one verifies on the other, once for both."""
+    import shutil
+
+    url = pg_server.new_database()
+    keys = str(key_file(tmp_path, seed="5c" * 32, info="two nodes"))
+    async with pass_daemon(tmp_path / "a", url, **{"pass-key-file": keys}) as first:
+        (tmp_path / "b" / "data").mkdir(parents=True, mode=0o700)
+        shutil.copy(tmp_path / "a" / "data" / "secret.key", tmp_path / "b" / "data")
+        async with pass_daemon(tmp_path / "b", url, **{"pass-key-file": keys}) as second:
+            key_a, _ = await directory(first, http)
+            key_b, _ = await directory(second, http)
+            assert key_a == key_b
+            token = await funded_token(first, http)
+            client, token_input, request = blind(key_a)
+            code, response, _ = await token_request(second, http, token, request)
+            assert code == 200
+            the_pass = b64url(finalize(client, token_input, response, key_a))
+            answers = []
+            for node in (first, second, first):
+                code, _, _ = await post_json(
+                    http, node.internal_url + "/api/v1/passes/verify", {"token": the_pass}
+                )
+                answers.append(code)
+            assert answers == [200, 409, 409]
