@@ -102,7 +102,9 @@ class Due:
 def take_due(txn: Txn, d: Dialect, now: int, lease: int, limit: int, owner: str) -> list[Due]:
     """Lease at most ``limit`` events that are due: waiting, their retry time come, not leased
     by a node, and the oldest waiting event of their token (a token's events go in order, one
-    at a time).  On PostgreSQL rows another node is taking right now are skipped."""
+    at a time); the longest due first.  The order is the index's (outbox_due), so the query
+    stops after ``limit`` rows found instead of sorting the backlog.  On PostgreSQL rows another
+    node is taking right now are skipped."""
     d.start_write(txn)
     rows = txn.execute(
         d.sql(
@@ -110,7 +112,7 @@ def take_due(txn: Txn, d: Dialect, now: int, lease: int, limit: int, owner: str)
             "WHERE state = ? AND next_attempt_at <= ? AND leased_until <= ? "
             "AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.token_row = o.token_row "
             "AND e.state = ? AND e.id < o.id) "
-            f"ORDER BY id LIMIT ?{d.skip_locked}"
+            f"ORDER BY next_attempt_at, id LIMIT ?{d.skip_locked}"
         ),
         (int(EventState.WAITING), now, now, int(EventState.WAITING), limit),
     ).fetchall()

@@ -40,7 +40,8 @@ TIMEOUT: Final = 10.0  # seconds for one attempt: connect, send, and the whole a
 LEASE: Final = 60  # seconds a node holds an event it is delivering (well above TIMEOUT)
 CONCURRENCY: Final = 8  # deliveries in flight per node (on different tokens)
 INTERVAL: Final = 1.0  # seconds between looks for due events (retries, other nodes' events)
-BACKLOG_EVERY: Final = 5  # refresh the backlog metrics every this many looks
+BACKLOG_EVERY: Final = 5.0  # seconds between refreshes of the backlog metrics (a count of
+# the waiting events: ~5 ms at 20,000 on SQLite, so not at every look, which every change makes)
 MAX_ANSWER: Final = 64 * 1024  # bytes of a receiver's answer read (and dropped) at most
 JITTER: Final = 0.1  # each delay is drawn within +-10 %
 
@@ -103,7 +104,8 @@ class WebhookService(Service):
         self._in_flight: dict[int, Deferred[None]] = {}  # outbox row -> its delivery
         self._looking: Deferred[None] | None = None
         self._kicked = False
-        self._looks = 0
+        self._look_again = False  # kicked while a look ran: the event may be after its read
+        self._backlog_at: float | None = None
         self._failing = False  # the receiver's last answer was not a 2xx (for the log)
 
     def startService(self) -> None:
@@ -146,8 +148,14 @@ class WebhookService(Service):
 
     def _kick_now(self) -> None:
         self._kicked = False
-        if self.running and self._looking is None:
+        if not self.running:
+            return
+        if self._looking is None:
             self._look()
+        else:
+            # The running look may have read the table before this event committed (another
+            # connection on PostgreSQL): look again when it is done, not a second later.
+            self._look_again = True
 
     def _look(self) -> Deferred[None] | None:
         if self._looking is not None:
@@ -156,6 +164,9 @@ class WebhookService(Service):
 
         def done(_: object) -> None:
             self._looking = None
+            if self._look_again:
+                self._look_again = False
+                self.kick()
 
         self._looking.addBoth(done)
         return self._looking
@@ -169,8 +180,8 @@ class WebhookService(Service):
                 self._store_failed("release_event_leases", e)
                 return
         now = int(self._clock.seconds())
-        self._looks += 1
-        if self._looks % BACKLOG_EVERY == 1:
+        if self._backlog_at is None or self._clock.seconds() - self._backlog_at >= BACKLOG_EVERY:
+            self._backlog_at = self._clock.seconds()
             await self._refresh_backlog(now)
         free = CONCURRENCY - len(self._in_flight)
         if free <= 0:
