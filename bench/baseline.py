@@ -1,11 +1,12 @@
 """The baseline: a bare Klein app on the same Twisted, answering the daemon's two public routes
-with a constant JSON body of a given size (bench only, never part of the product).
+and the internal site's spend route with a constant JSON body of a given size (bench only, never
+part of the product).
 
     baseline.py PORT --post-size N --get-size M [--tuned]
 
-POST /api/v1/redeem parses the (small) JSON body and answers N bytes; GET /api/v1/token/{token}
-answers M bytes.  What the daemon adds on top of this floor (parsing, the store, metrics,
-its request plumbing) is what its ratio to the baseline measures.
+POST /api/v1/redeem and POST /api/v1/token/{token}/spend parse the (small) JSON body and answer
+N bytes; GET /api/v1/token/{token} answers M bytes.  What the daemon adds on top of this floor
+(parsing, the store, metrics, its request plumbing) is what its ratio to the baseline measures.
 
 As issue #6 defines it, the baseline is *bare*: Twisted's and Klein's defaults.  ``--tuned``
 gives it the daemon's process and request settings (the start-up heap frozen for the garbage
@@ -56,6 +57,11 @@ def build(post_size: int, get_size: int) -> Klein:
 
     @app.route("/api/v1/redeem", methods=["POST"])
     def redeem(request: Any) -> bytes:
+        json.loads(request.content.read())
+        return answer(request, post_body)
+
+    @app.route("/api/v1/token/<string:token>/spend", methods=["POST"])
+    def spend(request: Any, token: str) -> bytes:
         json.loads(request.content.read())
         return answer(request, post_body)
 

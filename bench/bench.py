@@ -1,5 +1,5 @@
 """Benchmark the real daemon: HTTP scenarios against a bare-Klein baseline, monitor ingest, and
-storage scale (issue #6; the method and the figures are in docs/performance.md).
+storage scale (issues #6 and #13; the method and the figures are in docs/performance.md).
 
 Run it through ``bench/run``, which sets up the venv and installs wrk first.  Everything runs on
 loopback in a temporary directory: the real ``twistd -n anonticket`` with tcp endpoints and
@@ -27,12 +27,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.client import HTTPConnection, HTTPException
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from anonticket.limits import INTERNAL_MAX_CONNECTIONS
 
 BENCH = Path(__file__).resolve().parent
 LUA = BENCH / "scenario.lua"
@@ -40,7 +42,11 @@ PYTHON = sys.executable
 TWISTD = str(Path(sys.executable).parent / "twistd")
 PY_SPY = str(Path(sys.executable).parent / "py-spy")
 
-SCENARIOS = ("unknown", "success", "retry", "introspect", "mixed")
+SCENARIOS = ("unknown", "success", "retry", "introspect", "mixed", "spend", "spend-hot")
+# Spends go to the internal site, every other scenario to the public one.
+INTERNAL_SCENARIOS = frozenset({"spend", "spend-hot"})
+SPEND_AMOUNT = 1  # atomic units a spend takes: a seeded token holds 10^12, never used up here
+HOT_CONNECTIONS = 64  # spend-hot's connection count unless --connections is given (issue #13)
 # "<status>/<body status or error code>" of a correct answer; anything else is an error.  An
 # unknown PID is a 404 by design.
 EXPECTED = {
@@ -49,11 +55,21 @@ EXPECTED = {
     "retry": {"200/already_claimed"},
     "introspect": {"200/active"},
     "mixed": {"200/active", "200/already_claimed", "404/payment_not_found"},
+    "spend": {"200/active"},
+    "spend-hot": {"200/active"},
 }
 BASELINE_EXPECTED = {"200/ok"}
-# Issue #6 targets: requests/s as a share of the baseline's; p99 at most 1.5x the baseline's.
-TARGET_RATIO = {"unknown": 0.85, "success": 0.50, "introspect": 0.75, "mixed": 0.70}
+# Issue #6 and #13 targets: requests/s as a share of the baseline's; p99 at most 1.5x the
+# baseline's (3x for spend-hot).
+TARGET_RATIO = {
+    "unknown": 0.85,
+    "success": 0.50,
+    "introspect": 0.75,
+    "mixed": 0.70,
+    "spend": 0.40,
+}
 P99_FACTOR = 1.5
+P99_FACTORS = {"spend-hot": 3.0}
 MONITOR_TARGET = 5_000  # credited transfers/s
 SCALE_RSS_TARGET = 80.0  # MB with 1,000,000 payments stored
 
@@ -102,6 +118,7 @@ class Process:
     def __init__(self, argv: list[str], log: Path, port: int) -> None:
         self.log = log
         self.url = f"http://127.0.0.1:{port}"
+        self.runs: list[Run] = []  # every wrk run against it, warm-ups included
         with open(log, "ab") as out:
             self.popen = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
@@ -110,6 +127,10 @@ class Process:
 
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+    def target(self, scenario: str) -> str:
+        """The URL wrk loads for a scenario."""
+        return self.url
 
     def wait_listening(self, port: int, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -164,8 +185,11 @@ def free_port() -> int:
         return port
 
 
-def http(method: str, url: str, body: bytes | None = None) -> tuple[int, bytes]:
+def http(
+    method: str, url: str, body: bytes | None = None, extra: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     headers = {"Content-Type": "application/json"} if body is not None else {}
+    headers.update(extra or {})
     request = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as r:
@@ -196,14 +220,33 @@ class Daemon(Process):
         super().__init__(argv, data_dir.parent / f"{data_dir.name}-daemon.log", self.public)
         self.wait_listening(self.internal)
 
+    def target(self, scenario: str) -> str:
+        return self.internal_url if scenario in INTERNAL_SCENARIOS else self.url
+
+    @property
+    def internal_url(self) -> str:
+        return f"http://127.0.0.1:{self.internal}"
+
     def internal_get(self, path: str) -> bytes:
-        return http("GET", f"http://127.0.0.1:{self.internal}{path}")[1]
+        return http("GET", f"{self.internal_url}{path}")[1]
 
     def metric(self, series: str) -> float:
-        for line in self.internal_get("/metrics").decode().splitlines():
-            if line.startswith(series + " "):
-                return float(line.split()[-1])
-        return 0.0
+        return self.metrics(series).get(series, 0.0)
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """The series of /metrics whose name (with labels) starts with ``prefix``."""
+        lines = self.internal_get("/metrics").decode().splitlines()
+        return {
+            name: float(value)
+            for line in lines
+            if line.startswith(prefix)
+            for name, value in [line.rsplit(" ", 1)]
+        }
+
+    def token_view(self, token: str) -> dict[str, Any]:
+        """The internal view of a token (balance, version, credited, spent, ...)."""
+        view: dict[str, Any] = json.loads(self.internal_get(f"/api/v1/token/{token}"))
+        return view
 
 
 class Baseline(Process):
@@ -256,17 +299,24 @@ class Seeded:
 
     def files(self, scenario: str) -> tuple[Path | None, Path | None]:
         """The (PIDs, tokens) files a scenario's wrk script reads."""
-        unclaimed, claimed, tokens = (self.inputs / f"{n}.txt" for n in SEEDED_FILES)
+        unclaimed, claimed, tokens, hot = (self.inputs / f"{n}.txt" for n in SEEDED_FILES)
         return {
             "unknown": (None, None),
             "success": (unclaimed, None),
             "retry": (claimed, None),
             "introspect": (None, tokens),
             "mixed": (claimed, tokens),
+            "spend": (None, tokens),
+            "spend-hot": (None, hot),
         }[scenario]
 
+    @property
+    def hot_token(self) -> str:
+        """The one token spend-hot spends from."""
+        return (self.inputs / "hot.txt").read_text().strip()
 
-SEEDED_FILES = ("unclaimed", "claimed", "tokens")
+
+SEEDED_FILES = ("unclaimed", "claimed", "tokens", "hot")
 
 
 @dataclass
@@ -302,9 +352,9 @@ def wrk(
     pids, tokens = seeded.files(scenario)
     argv = [
         "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(LUA),
-        server.url,
+        server.target(scenario),
         "--", scenario, str(seeded.consumed), str(pids or "-"), str(tokens or "-"),
-        str(random.randrange(1, 2**31)),
+        str(random.randrange(1, 2**31)), str(SPEND_AMOUNT),
     ]  # fmt: skip
     # What other processes used meanwhile tells how noisy the machine was for this run.
     before = busy_cpu_seconds(), server.cpu_seconds(), children_cpu_seconds()
@@ -319,7 +369,7 @@ def wrk(
     if done.returncode != 0 or not lines:
         raise SystemExit(f"bench: wrk failed ({done.returncode}):\n{done.stdout}{done.stderr}")
     data = json.loads(lines[-1].removeprefix("BENCH "))
-    return Run(
+    run = Run(
         rps=data["requests"] / (data["duration_us"] / 1e6),
         p50_ms=data["p50_us"] / 1000,
         p99_ms=data["p99_us"] / 1000,
@@ -328,6 +378,8 @@ def wrk(
         statuses=data["statuses"],
         others=others,
     )
+    server.runs.append(run)
+    return run
 
 
 def measure(
@@ -349,11 +401,117 @@ def measure(
 
 def measure_daemon(
     args: argparse.Namespace, scenario: str, conns: int, seeded: Seeded, log: Path
-) -> tuple[Run, float]:
-    """Warm-up and measured run against a freshly started daemon: (the run, its peak RSS)."""
+) -> tuple[Run, float, SpendCheck | None]:
+    """Warm-up and measured run against a freshly started daemon: (the run, its peak RSS, and
+    for the spend scenarios what the daemon did with the spends)."""
     profile = None if args.profile is None else args.profile / f"{scenario}-{conns}.txt"
     with running(Daemon(seeded.data, "--no-monitor", profile=profile)) as daemon:
-        return measure(args, daemon, scenario, conns, seeded, log), daemon.peak_rss_mb()
+        hot = seeded.hot_token if scenario == "spend-hot" else None
+        before = daemon.token_view(hot) if hot else None
+        run = measure(args, daemon, scenario, conns, seeded, log)
+        check = None
+        if scenario in INTERNAL_SCENARIOS:
+            check = SpendCheck.after_runs(daemon, hot, before)
+        return run, daemon.peak_rss_mb(), check
+
+
+T = TypeVar("T")
+
+
+def settled(read: Callable[[], T], pause: float = 0.2, timeout: float = 10) -> T:
+    """What ``read()`` gives once two calls ``pause`` apart agree: the daemon has finished the
+    requests wrk sent but stopped waiting for at the end of a run."""
+    value = read()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(pause)
+        value, last = read(), value
+        if value == last:
+            break
+    return value
+
+
+@dataclass
+class SpendCheck:
+    """What the daemon did with a spend row's requests, over all its runs (warm-up included):
+    its spend outcomes from /metrics and, for spend-hot, the hot token before and after.
+
+    The exactly-once check: every spend is one version of the token, so the balance must have
+    dropped by exactly ``SPEND_AMOUNT`` per version (and ``spent`` grown as much), and the
+    spends made lie between the 200 answers wrk counted and the requests it sent: wrk stops
+    waiting for the requests in flight when a run ends, which the daemon has already read and
+    still makes (each key once).  That no two spends took the same balance (a lost update) the
+    wrk script checks on every 200 answer: all their balances differ.
+    """
+
+    outcomes: dict[str, int]  # anonticket_spend_requests_total by outcome
+    answered: int  # 200/active answers wrk counted
+    sent: int  # requests wrk sent, answered or not
+    duplicates: int  # 200 answers showing a balance an earlier one of their run showed
+    before: dict[str, Any] | None = None  # the hot token's internal view
+    after: dict[str, Any] | None = None
+
+    @classmethod
+    def after_runs(
+        cls, daemon: Daemon, hot: str | None, before: dict[str, Any] | None
+    ) -> SpendCheck:
+        after = settled(lambda: daemon.token_view(hot)) if hot else None
+        series = "anonticket_spend_requests_total{outcome="
+        outcomes = {
+            name.removeprefix(series).strip('"}'): int(value)
+            for name, value in settled(lambda: daemon.metrics(series)).items()
+            if value
+        }
+        runs = daemon.runs
+        return cls(
+            outcomes,
+            answered=sum(run.statuses.get("200/active", 0) for run in runs),
+            sent=sum(run.sent for run in runs),
+            duplicates=sum(run.statuses.get("200/duplicate_balance", 0) for run in runs),
+            before=before,
+            after=after,
+        )
+
+    @property
+    def spends(self) -> int | None:
+        """Spends made on the hot token: one version each."""
+        if self.before is None or self.after is None:
+            return None
+        return int(self.after["version"]) - int(self.before["version"])
+
+    @property
+    def exact(self) -> bool:
+        if self.before is None or self.after is None or self.spends is None:
+            return True  # spend: nothing to compare
+        drop = self.before["balance"] - self.after["balance"]
+        spent = self.after["spent"] - self.before["spent"]
+        amount = self.spends * SPEND_AMOUNT
+        in_range = self.answered <= self.spends <= self.sent
+        return drop == spent == amount and in_range and not self.duplicates
+
+    def report(self) -> list[str]:
+        counts = ", ".join(f"{k} {n:,}" for k, n in sorted(self.outcomes.items())) or "none"
+        lines = [
+            f"spend outcomes counted by the daemon (/metrics): {counts}; wrk counted "
+            f"{self.answered:,} answers 200/active of {self.sent:,} requests sent"
+        ]
+        if self.before is not None and self.after is not None and self.spends is not None:
+            before, after = self.before, self.after
+            seen = (
+                f"{self.duplicates:,} balances shown twice"
+                if self.duplicates
+                else "every balance different"
+            )
+            lines.append(
+                f"exactly once: the hot token's version +{self.spends:,}, balance "
+                f"{before['balance']:,} -> {after['balance']:,} "
+                f"(-{before['balance'] - after['balance']:,}; {SPEND_AMOUNT} a spend), spent "
+                f"+{after['spent'] - before['spent']:,}; {self.answered:,} spends answered 200 "
+                f"({seen}) + {self.spends - self.answered:,} in flight when wrk stopped "
+                f"waiting (at most {self.sent - self.answered:,}): "
+                + ("exact" if self.exact else "MISMATCH")
+            )
+        return lines
 
 
 # --- the HTTP scenarios ---------------------------------------------------------------------
@@ -367,6 +525,7 @@ class Row:
     base: Run | None
     rss_mb: float
     tuned: Run | None = None  # the baseline with the daemon's settings (baseline.py --tuned)
+    spends: SpendCheck | None = None  # the spend scenarios: what the daemon did with them
 
     @property
     def errors(self) -> int:
@@ -393,11 +552,14 @@ class Row:
         target = TARGET_RATIO.get(self.scenario)
         if target is not None and self.ratio is not None and self.ratio < target:
             missed.append(f"req/s<{target:.0%}")
-        if self.p99_ratio is not None and self.p99_ratio > P99_FACTOR:
-            missed.append(f"p99>{P99_FACTOR}x")
+        factor = P99_FACTORS.get(self.scenario, P99_FACTOR)
+        if self.p99_ratio is not None and self.p99_ratio > factor:
+            missed.append(f"p99>{factor}x")
         floors = [b for b in (self.base, self.tuned) if b is not None]
         if self.errors or any(b.errors(BASELINE_EXPECTED) for b in floors):
             missed.append("errors")
+        if self.spends is not None and not self.spends.exact:
+            missed.append("exactly-once")
         return missed
 
 
@@ -411,7 +573,14 @@ def probe_sizes(seeded: Seeded) -> dict[str, tuple[int, int]]:
         unknown = http("POST", f"{url}/api/v1/redeem", b'{"pid":"%016x"}' % random.getrandbits(63))
         retry = http("POST", f"{url}/api/v1/redeem", b'{"pid":"%s"}' % pid.encode())
         introspect = http("GET", f"{url}/api/v1/token/{token}")
-    assert (unknown[0], retry[0], introspect[0]) == (404, 200, 200), (unknown, retry, introspect)
+        spend = http(
+            "POST",
+            f"{daemon.internal_url}/api/v1/token/{token}/spend",
+            b'{"amount":%d}' % SPEND_AMOUNT,
+            {"Idempotency-Key": f"bench-probe-{random.getrandbits(63):x}"},
+        )
+    statuses = (unknown[0], retry[0], introspect[0], spend[0])
+    assert statuses == (404, 200, 200, 200), (unknown, retry, introspect, spend)
     success = retry[1].replace(b'"already_claimed"', b'"success"')
     get = len(introspect[1])
     return {
@@ -420,7 +589,18 @@ def probe_sizes(seeded: Seeded) -> dict[str, tuple[int, int]]:
         "retry": (len(retry[1]), get),
         "introspect": (len(retry[1]), get),
         "mixed": (len(retry[1]), get),
+        "spend": (len(spend[1]), get),
+        "spend-hot": (len(spend[1]), get),
     }
+
+
+def connections_of(args: argparse.Namespace, scenario: str) -> list[int]:
+    """The connection counts a scenario's rows run at: --connections, except that spend-hot
+    runs at HOT_CONNECTIONS unless --connections was given."""
+    if scenario == "spend-hot" and not args.connections_given:
+        return [HOT_CONNECTIONS]
+    connections: list[int] = args.connections
+    return connections
 
 
 def http_bench(args: argparse.Namespace, tmp: Path) -> list[Row]:
@@ -431,14 +611,14 @@ def http_bench(args: argparse.Namespace, tmp: Path) -> list[Row]:
     log = tmp / "wrk.log"
     rows: list[Row] = []
     for scenario in args.scenarios:
-        for conns in args.connections:
+        for conns in connections_of(args, scenario):
             say(f"{scenario} @ {conns} connections ...")
-            run, rss = measure_daemon(args, scenario, conns, seeded, log)
+            run, rss, check = measure_daemon(args, scenario, conns, seeded, log)
             with running(Baseline(tmp / "baseline.log", *sizes[scenario])) as baseline:
                 base = measure(args, baseline, scenario, conns, seeded, log)
             with running(Baseline(tmp / "tuned.log", *sizes[scenario], tuned=True)) as floor:
                 tuned = measure(args, floor, scenario, conns, seeded, log)
-            rows.append(Row(scenario, conns, run, base, rss, tuned))
+            rows.append(Row(scenario, conns, run, base, rss, tuned, check))
     return rows
 
 
@@ -623,7 +803,7 @@ def scale_bench(args: argparse.Namespace, tmp: Path) -> Scale:
     for scenario in ("success", "unknown"):
         for conns in args.connections:
             say(f"scale: {scenario} @ {conns} connections ...")
-            run, rss = measure_daemon(args, scenario, conns, seeded, tmp / "wrk.log")
+            run, rss, _ = measure_daemon(args, scenario, conns, seeded, tmp / "wrk.log")
             rows.append(Row(scenario, conns, run, None, rss))
     return Scale(seeded, args.scale_payments, db_mb, rows)
 
@@ -681,6 +861,8 @@ def report_http(rows: list[Row]) -> str:
         base = ", ".join(f"{k} {n:,}" for k, n in sorted(r.base.statuses.items())) if r.base else ""
         extra = f", {r.run.socket_errors} socket errors" if r.run.socket_errors else ""
         answers.append(f"  {r.scenario} @ {r.connections}: {daemon}{extra} | {base}")
+        if r.spends is not None:
+            answers += [f"    {line}" for line in r.spends.report()]
     return table(header, body) + "\n" + "\n".join(answers)
 
 
@@ -735,11 +917,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--duration", type=int, help="seconds per measured run (default 10)")
     add("--warmup", type=int, help="seconds of warm-up before each (default 3; 0: none)")
-    add("--connections", help='comma list of wrk connection counts (default "16,64")')
+    add("--connections", help='comma list of wrk connection counts (default "16,64"; '
+        f"spend-hot: {HOT_CONNECTIONS} unless given; at most {INTERNAL_MAX_CONNECTIONS} for the "
+        "spend scenarios, the internal site's cap)")  # fmt: skip
     add("--payments", type=int, help="payments seeded for the HTTP scenarios (default 200,000)")
     add("--claimed", type=int, help="of which redeemed up front (default 10,000)")
     add("--scenarios", default=",".join(SCENARIOS), help="comma list (default: all; '' none)")
-    add("--quick", action="store_true", help="tiny sizes, 1 s runs, 16 connections (smoke test)")
+    add("--quick", action="store_true",
+        help="tiny sizes, 1 s runs, 16 connections (spend-hot: 64); the smoke test")  # fmt: skip
     add("--monitor", action="store_true", help="also run the monitor ingest benchmark")
     add("--monitor-transfers", type=int, help="default 100,000")
     add("--monitor-heights", type=int, help="blocks they are spread over (default 10,000)")
@@ -752,6 +937,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "(pip install py-spy) and write its samples to DIR/<scenario>-<conns>.txt (collapsed "
         "stacks); the figures of a profiled run are slowed by the sampling")  # fmt: skip
     args = parser.parse_args(argv)
+    args.connections_given = args.connections is not None
     for name, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -760,6 +946,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    for scenario in INTERNAL_SCENARIOS.intersection(args.scenarios):
+        if max(connections_of(args, scenario)) > INTERNAL_MAX_CONNECTIONS:
+            parser.error(
+                f"{scenario} loads the internal site, which holds at most "
+                f"{INTERNAL_MAX_CONNECTIONS} connections: lower --connections"
+            )
     if args.profile is not None:
         if not Path(PY_SPY).exists():
             parser.error(f"--profile needs py-spy in the venv ({PY_SPY}): pip install py-spy")

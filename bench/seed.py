@@ -8,7 +8,9 @@ M PIDs are then redeemed through ``Store.redeem``, the way the public site claim
 one hex value a line, for the wrk scripts:
 
 * ``OUT_DIR/unclaimed.txt``: PIDs still redeemable (at most K of them; the rest stay unlisted);
-* ``OUT_DIR/claimed.txt`` and ``OUT_DIR/tokens.txt``: the redeemed PIDs and their tokens.
+* ``OUT_DIR/claimed.txt`` and ``OUT_DIR/tokens.txt``: the redeemed PIDs and their tokens;
+* ``OUT_DIR/hot.txt``: the first of those tokens alone, the one the spend-hot scenario spends
+  from (each token holds 1 XMR, 10^12 atomic units: the bench's spends never use it up).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ async def seed(
     (out / "unclaimed.txt").write_text("".join(p.hex() + "\n" for p in redeemable))
     (out / "claimed.txt").write_text("".join(p.hex() + "\n" for p in to_claim))
     (out / "tokens.txt").write_text("".join(t + "\n" for t in tokens))
+    (out / "hot.txt").write_text(tokens[0] + "\n")
     print(
         f"seeded {payments:,} payments in {recorded - started:.1f} s "
         f"({payments / max(recorded - started, 1e-9):,.0f}/s), "

@@ -1,5 +1,6 @@
 """The benchmark still runs (bench/bench.py --quick): no figure is checked, only that every
-piece works end to end (seeding, the daemon, wrk and its Lua script, the baseline, the table)."""
+piece works end to end (seeding, the daemon, wrk and its Lua script, the baseline, the table),
+a spend scenario and its exactly-once check on the internal site included."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
 )
 def test_quick_bench_prints_its_table():
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--scenarios", "unknown,introspect"],
+        [sys.executable, str(BENCH), "--quick", "--scenarios", "unknown,introspect,spend-hot"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -52,11 +53,14 @@ def test_quick_bench_prints_its_table():
         if line.startswith("| ") and line != header
         for cells in [[c.strip() for c in line.strip("|").split("|")]]
     }
-    assert set(rows) == {"unknown", "introspect"}
-    for cells in rows.values():
-        assert cells[1] == "16"
+    assert set(rows) == {"unknown", "introspect", "spend-hot"}
+    for scenario, cells in rows.items():
+        assert cells[1] == ("64" if scenario == "spend-hot" else "16")
         assert float(cells[2].replace(",", "")) > 0  # requests/s
         assert cells[5] == "0", result.stdout  # errors: every answer was the expected one
         assert float(cells[10].replace(",", "")) > 0  # the tuned baseline ran too
     assert "unknown @ 16: 404/payment_not_found" in result.stdout
     assert "introspect @ 16: 200/active" in result.stdout
+    assert "spend-hot @ 64: 200/active" in result.stdout
+    check = next(line for line in lines if "exactly once: the hot token" in line)
+    assert check.endswith(": exact"), check
