@@ -7,6 +7,7 @@ import json
 import pytest
 import pytest_twisted
 from twisted.internet.defer import gatherResults
+from twisted.internet.task import deferLater
 
 from anonticket.store.records import PaymentStatus
 
@@ -336,3 +337,31 @@ async def test_64_concurrent_spends_of_one_token_never_overdraw(any_daemon, http
     _, view, _ = await get_json(http, f"{daemon.internal_url}/api/v1/token/{token}")
     assert view["balance"] == AMOUNT - 30 * len(spent) == AMOUNT % 30
     assert view["spent"] == 30 * len(spent)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spend_whose_client_hangs_up_is_still_counted_if_made(daemon, http):
+    """The metric follows the store: every spend made is counted, answered or not."""
+    from urllib.parse import urlsplit
+
+    from .conftest import reactor
+    from .rawhttp import raw_request
+
+    token = await issue_token(daemon, http)
+    port = urlsplit(daemon.internal_url).port
+    for i in range(20):
+        body = b'{"amount": 7}'
+        head = (
+            f"POST /api/v1/token/{token}/spend HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nIdempotency-Key: gone-{i}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        await raw_request(reactor, port, head + body, hangup=True)
+    spent = daemon.metrics.spend_outcomes._children["spent"]
+    for _ in range(100):
+        _, view, _ = await get_json(http, f"{daemon.internal_url}/api/v1/token/{token}")
+        if spent._value.get() * 7 == view["spent"]:
+            break
+        await deferLater(reactor, 0.05, lambda: None)
+    assert spent._value.get() * 7 == view["spent"] == AMOUNT - view["balance"]
+    assert view["spent"] > 0  # the case at hand: spends made for clients gone

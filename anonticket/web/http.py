@@ -745,6 +745,23 @@ class PrivacySite(server.Site):
         return d
 
 
+def shielded(d: Deferred[T]) -> Deferred[T]:
+    """A Deferred with ``d``'s result whose cancellation (the client went away) leaves ``d`` to
+    finish: for work whose outcome must be seen whoever waits for it."""
+    outer: Deferred[T] = Deferred()
+
+    def forward(result: object) -> object:
+        if not outer.called:
+            if isinstance(result, Failure):
+                outer.errback(result)
+            else:
+                outer.callback(result)  # type: ignore[arg-type]
+        return None  # ``d`` itself ends here: its failure is outer's to report
+
+    d.addBoth(forward)
+    return outer
+
+
 def store_answer(metrics: Metrics, operation: str, d: Deferred[T]) -> Deferred[T]:
     """``d`` (a store operation's result) with a failure turned into one log line, a metric and
     ApiError 503 for the client: the one place a store failure becomes an HTTP answer.

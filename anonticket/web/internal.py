@@ -34,6 +34,7 @@ from anonticket.web.http import (
     read_json_object,
     respond,
     set_route,
+    shielded,
     store_answer,
 )
 from anonticket.web.passes import Passes
@@ -195,27 +196,23 @@ class InternalAPI:
             outcomes.count("invalid")
             raise
         now = int(self._clock.seconds())
-        try:
-            result = await store_answer(self._metrics, "spend", self._store.spend(spend, now))
-        except ApiError:
-            outcomes.count("error")
-            raise
+        made = self._store.spend(spend, now)
+        # Counted as the store answers, not as the client is answered: a spend made for a
+        # client that hung up meanwhile is still a spend (and the made one is never cancelled).
+        made.addBoth(self._count_spend)
+        result = await store_answer(self._metrics, "spend", shielded(made))
         match result:
             case SpendAnswer():
-                outcomes.count("replayed" if result.replayed else result.outcome.name.lower())
                 return spend_response(request, result, spend.amount)
             case VersionMismatch():
-                outcomes.count("version_mismatch")
                 return version_mismatch(request, result)
             case KeyReused():
-                outcomes.count("idempotency_key_reused")
                 raise ApiError(
                     422,
                     "idempotency_key_reused",
                     "this Idempotency-Key was used for another spend (token, amount or memo)",
                 )
             case KeyInUse():
-                outcomes.count("idempotency_key_in_use")
                 raise ApiError(
                     409,
                     "idempotency_key_in_use",
@@ -223,9 +220,25 @@ class InternalAPI:
                     {"Retry-After": "1"},
                 )
             case NotFound():
-                outcomes.count("not_found")
                 raise token_not_found()
         raise AssertionError("unreachable")
+
+    def _count_spend(self, result: object) -> object:
+        outcomes = self._metrics.spend_outcomes
+        match result:
+            case SpendAnswer():
+                outcomes.count("replayed" if result.replayed else result.outcome.name.lower())
+            case VersionMismatch():
+                outcomes.count("version_mismatch")
+            case KeyReused():
+                outcomes.count("idempotency_key_reused")
+            case KeyInUse():
+                outcomes.count("idempotency_key_in_use")
+            case NotFound():
+                outcomes.count("not_found")
+            case _:
+                outcomes.count("error")  # a failure: store_answer makes it the 503
+        return result
 
     def _webhooks_enabled(self) -> None:
         if not self._store.events:
