@@ -1,7 +1,8 @@
 """``twistd anonticket``: Options and makeService (assembly only; logic lives elsewhere).
 
-Services start in dependency order and stop in reverse: store → wallet client → monitor →
-public site (published as an onion, or on a tcp/unix endpoint) → internal site.
+Services start in dependency order and stop in reverse: store → purge (old keys, events and
+used passes) → webhook delivery (with --webhook-url) → wallet client → monitor → public site
+(published as an onion, or on a tcp/unix endpoint) → internal site.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,31 +105,35 @@ def daemon_config(tmp_path: Path, **extra: str) -> Any:
 
 @pytest_twisted.async_yield_fixture
 async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
-    async for d in _daemon(daemon_config(tmp_path), tmp_path):
+    async with running_daemon(daemon_config(tmp_path), tmp_path) as d:
         yield d
 
 
 @pytest_twisted.async_yield_fixture
 async def any_daemon(database_url: str, tmp_path: Path) -> AsyncIterator[Daemon]:
     """The in-process daemon on each backend (SQLite and PostgreSQL)."""
-    async for d in _daemon(daemon_config(tmp_path, database=database_url), tmp_path):
+    async with running_daemon(daemon_config(tmp_path, database=database_url), tmp_path) as d:
         yield d
 
 
-async def _daemon(config: Any, tmp_path: Path) -> AsyncIterator[Daemon]:
+@asynccontextmanager
+async def running_daemon(config: Any, data_dir: Path) -> AsyncIterator[Daemon]:
+    """The daemon built from ``config``, started; stopped when the block ends, however."""
     metrics = Metrics()
     root = build(config, reactor, metrics)
     root.startService()
     store_service = root.getServiceNamed("store")
-    yield Daemon(
-        root=root,
-        store=store_service.store,
-        metrics=metrics,
-        public_url=_url(root.getServiceNamed("public-site")),
-        internal_url=_url(root.getServiceNamed("internal-site")),
-        data_dir=tmp_path,
-    )
-    await root.stopService()
+    try:
+        yield Daemon(
+            root=root,
+            store=store_service.store,
+            metrics=metrics,
+            public_url=_url(root.getServiceNamed("public-site")),
+            internal_url=_url(root.getServiceNamed("internal-site")),
+            data_dir=data_dir,
+        )
+    finally:
+        await root.stopService()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from anonticket.keys import DataDirError
 from anonticket.passes.issuer import IssuerKeys, load_keys
 from anonticket.passes.wire import Token, TokenRequest, token_key_id
 
-from .conftest import _daemon, get_json, post_json, reactor, transfer
+from .conftest import get_json, post_json, reactor, running_daemon, transfer
 from .webhookreceiver import Receiver
 
 PID = "0123456789abcdef"
@@ -78,12 +78,8 @@ async def pass_daemon(tmp_path: Path, database: str | None = None, **extra: str)
     }
     if database is not None:
         options["database"] = database
-    generator = _daemon(from_options(options, environ={}), tmp_path / "data")
-    daemon = await generator.__anext__()
-    try:
+    async with running_daemon(from_options(options, environ={}), tmp_path / "data") as daemon:
         yield daemon
-    finally:
-        await generator.aclose()
 
 
 async def funded_token(daemon, http, amount: int = AMOUNT) -> str:

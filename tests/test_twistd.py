@@ -52,7 +52,7 @@ def test_plugin_is_discovered_and_makes_a_multiservice(tmp_path):
     )
     service = maker.makeService(options)
     assert isinstance(service, MultiService)
-    assert [s.name for s in service] == ["store", "public-site", "internal-site"]
+    assert [s.name for s in service] == ["store", "purge", "public-site", "internal-site"]
 
 
 def run_twistd(tmp_path: Path, *args: str, env: dict[str, str] | None = None):
@@ -231,6 +231,7 @@ def test_tac_file_builds_the_same_service(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [
         "store",
+        "purge",
         "public-site",
         "internal-site",
     ]

@@ -21,7 +21,7 @@ from anonticket.store.records import PaymentStatus
 from anonticket.webhook.delivery import WebhookService
 from anonticket.webhook.signing import load_signer
 
-from .conftest import _daemon, get_json, post_json, reactor, transfer
+from .conftest import get_json, post_json, reactor, running_daemon, transfer
 from .webhookreceiver import Receiver, verify_ed25519, verify_hmac
 
 PID = "0123456789abcdef"
@@ -43,12 +43,8 @@ async def webhook_daemon(tmp_path, url: str, database: str | None = None, **extr
     }
     if database is not None:
         options["database"] = database
-    generator = _daemon(from_options(options, environ={}), tmp_path)
-    daemon = await generator.__anext__()
-    try:
+    async with running_daemon(from_options(options, environ={}), tmp_path) as daemon:
         yield daemon
-    finally:
-        await generator.aclose()
 
 
 async def redeem(daemon, http, pid: str = PID) -> dict[str, Any]:
