@@ -203,8 +203,8 @@ def makeService(
 def freeze_startup_heap() -> None:
     """Hide what start-up made (modules, routes, the PID filter) from the cyclic garbage
     collector for good.  Every request leaves cyclic garbage (about 40 objects in twisted.web
-    and Klein), so collections run all the time, and a full one walked the whole start-up
-    heap: the token-check p99 went from ~8 ms to ~3 ms (docs/performance.md).  Only in the
-    daemon's own process, once it runs: a test process building many daemons keeps its GC."""
+    and Klein), so collections run all the time, and a full one would walk the whole start-up
+    heap each time (what that cost: docs/performance.md).  Only in the daemon's own process,
+    once it runs: a test process building many daemons keeps its GC."""
     gc.collect()
     gc.freeze()

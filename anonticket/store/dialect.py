@@ -124,9 +124,9 @@ class SQLiteDialect:
         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
         conn.execute("PRAGMA foreign_keys=ON")
         # Checkpoint every 250 WAL pages (1 MB) instead of 1,000: a checkpoint runs in the
-        # committing call and ends with two fsyncs, stalling every request queued behind it.
-        # Measured (docs/performance.md): first-claim p99 at 16 connections 12.5 -> 7.6 ms,
-        # same throughput; 100 pages cost throughput, 4,000 doubled the p99.
+        # committing call and ends with two fsyncs, stalling every request queued behind it;
+        # smaller ones stall less (the figures: docs/performance.md, "What each optimisation
+        # bought").
         conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
 
     def connect(self) -> Any:
