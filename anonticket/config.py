@@ -50,7 +50,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "sqlite:///PATH or postgresql://...",
         shown_default="sqlite:///<data-dir>/anonticket.sqlite3",
     ),
-    Setting("public", "onion:80", "endpoint of the public site: onion:PORT, tcp:..., unix:..."),
+    Setting(
+        "public",
+        "onion:80",
+        "endpoint of the public site: onion:PORT (anonticket's own form: publish it as a Tor v3 "
+        "onion service on virtual port PORT, key in <data-dir>/onion.key; not txtorcon's onion: "
+        "endpoint string), or a Twisted tcp:..., tcp6:..., unix:... endpoint",
+    ),
     Setting(
         "internal",
         "tcp:9180:interface=127.0.0.1",
