@@ -37,6 +37,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from anonticket import __version__
 from anonticket.address import NETWORK_BYTES, AddressError, make_integrated_address, parse_address
 from anonticket.domain import DomainError, PaymentId, ServiceToken
 from anonticket.httpbody import BodyTooLarge, BytesProducer, read_capped
@@ -563,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     new = commands.add_parser(
         "new",

@@ -646,3 +646,11 @@ def test_console_script_onion_without_socks_says_how():
     done = script("redeem", PID, "--url", f"http://{ONION}")
     assert done.returncode == 1 and done.stdout == ""
     one_error_line(done.stderr, "run a local tor and pass --socks tcp:127.0.0.1:9050")
+
+
+@pytest_twisted.ensureDeferred
+async def test_version_is_the_package_version():
+    from anonticket import __version__
+
+    code, out, err = await cli("--version")
+    assert (code, out, err) == (0, f"anonticket-client {__version__}\n", "")

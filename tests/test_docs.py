@@ -67,3 +67,15 @@ def test_every_module_is_in_the_readmes_layout_table():
             rf"`{re.escape(path.name)}`", layout
         )
         assert named or top_level_sibling, f"{relative} is not in the README's layout table"
+
+
+def test_the_changelog_names_the_running_version_first():
+    from anonticket import __version__
+
+    text = (REPO / "CHANGELOG.md").read_text()
+    first = re.search(r"^## (\S+) ", text, re.MULTILINE)
+    assert first is not None and first.group(1) == __version__
+    # The schema a release names is the one its migrations reach.
+    schema = re.search(rf"^## {re.escape(__version__)} .*\(schema (\d+)\)", text, re.MULTILINE)
+    migrations = sorted((REPO / "anonticket" / "store" / "migrations" / "sqlite").glob("*.sql"))
+    assert schema is not None and int(schema.group(1)) == int(migrations[-1].name[:4])
