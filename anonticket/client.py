@@ -41,15 +41,8 @@ from anonticket import __version__
 from anonticket.address import NETWORK_BYTES, AddressError, make_integrated_address, parse_address
 from anonticket.domain import DomainError, PaymentId, ServiceToken
 from anonticket.httpbody import BodyTooLarge, BytesProducer, read_capped
-from anonticket.passes.client import (
-    PassError,
-    PassStore,
-    b64url,
-    blind,
-    finish,
-    from_b64url,
-    token_challenge,
-)
+from anonticket.passes.client import PassError, PassStore, blind, finish, token_challenge
+from anonticket.passes.wire import b64url, from_b64url
 
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1

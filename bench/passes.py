@@ -9,7 +9,6 @@ of 100 (``POST /api/v1/passes``), and verifications on the internal site.  Print
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import socket
@@ -24,14 +23,10 @@ from pathlib import Path
 
 from anonticket.passes.client import blind, finish
 from anonticket.passes.issuer import IssuerKeys
-from anonticket.passes.wire import Token, TokenRequest
+from anonticket.passes.wire import Token, TokenRequest, b64url, from_b64url
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 PRICE = 1
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def rate(fn, seconds: float) -> float:
@@ -146,8 +141,7 @@ def against_daemon(purchases: int) -> None:
         token = json.loads(body)["service_token"]
         with urllib.request.urlopen(base + "/.well-known/private-token-issuer-directory") as r:
             directory = json.loads(r.read())
-        key_b64 = directory["token-keys"][0]["token-key"]
-        public_key = base64.urlsafe_b64decode(key_b64 + "=" * (-len(key_b64) % 4))
+        public_key = from_b64url(directory["token-keys"][0]["token-key"])
         auth = {"Authorization": f"Bearer {token}"}
         single, batch, verify = [], [], []
         passes: list[bytes] = []

@@ -3,7 +3,6 @@ through the serving path; verification exactly once; nothing that links a pass t
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -20,7 +19,7 @@ from anonticket.config import from_options
 from anonticket.domain import ServiceToken
 from anonticket.keys import DataDirError
 from anonticket.passes.issuer import IssuerKeys, load_keys
-from anonticket.passes.wire import Token, TokenRequest, token_key_id
+from anonticket.passes.wire import Token, TokenRequest, b64url, from_b64url, token_key_id
 
 from .conftest import get_json, post_json, reactor, running_daemon, transfer
 from .webhookreceiver import Receiver
@@ -49,14 +48,6 @@ RFC_VECTORS = [
         "b4f7d92db8b4",
     ),
 ]
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def unb64url(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def key_file(tmp_path: Path, seed: str = RFC_SEED, info: str = RFC_INFO) -> Path:
@@ -98,7 +89,7 @@ async def directory(daemon, http) -> tuple[bytes, dict]:
         b"application/private-token-issuer-directory"
     ]
     body = json.loads(await response.content())
-    return unb64url(body["token-keys"][0]["token-key"]), body
+    return from_b64url(body["token-keys"][0]["token-key"]), body
 
 
 async def token_request(daemon, http, token: str, body: bytes, key: str = "buy-1", **headers):
@@ -343,7 +334,7 @@ async def test_a_batch_of_passes_is_one_purchase(database_url, tmp_path, http):
         code, answer, _ = await post_json(http, url, body, headers)
         assert code == 200 and answer["balance"] == 50 * PRICE
         passes = [
-            finalize(client, token_input, unb64url(response), public_key)
+            finalize(client, token_input, from_b64url(response), public_key)
             for (client, token_input, _), response in zip(made, answer["responses"], strict=True)
         ]
         code, again, replayed = await post_json(http, url, body, headers)

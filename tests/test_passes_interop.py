@@ -26,20 +26,18 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from anonticket.passes.client import token_challenge
-from anonticket.passes.wire import Token, TokenRequest, token_key_id
+from anonticket.passes.wire import Token, TokenRequest, b64url, from_b64url, token_key_id
 
 from .conftest import get_json, post_json, reactor
 from .test_passes import (
     AMOUNT,
     PRICE,
-    b64url,
     blind,
     directory,
     finalize,
     funded_token,
     key_file,
     pass_daemon,
-    unb64url,
 )
 
 INTEROP = Path(__file__).parent / "interop"
@@ -124,13 +122,13 @@ async def test_passes_bought_with_privacypass_ts_verify_once(tmp_path, http):
             assert code == 0, err
             bought.append(json.loads(out))
         for answer in bought:
-            the_pass = Token.parse(unb64url(answer["token"]))
+            the_pass = Token.parse(from_b64url(answer["token"]))
             assert the_pass.key_id == token_key_id(public_key)
-            digest = hashlib.sha256(unb64url(answer["challenge"])).hexdigest()
+            digest = hashlib.sha256(from_b64url(answer["challenge"])).hexdigest()
             assert the_pass.challenge_digest.hex() == answer["challenge_digest"] == digest
-        assert [unb64url(a["challenge"]) == challenge for a in bought] == [True, True, False]
-        assert unb64url(bought[2]["challenge"]).endswith(b"\x00\x13a.example,b.example")
-        assert len({Token.parse(unb64url(a["token"])).nonce for a in bought}) == 3
+        assert [from_b64url(a["challenge"]) == challenge for a in bought] == [True, True, False]
+        assert from_b64url(bought[2]["challenge"]).endswith(b"\x00\x13a.example,b.example")
+        assert len({Token.parse(from_b64url(a["token"])).nonce for a in bought}) == 3
         _, view, _ = await get_json(http, f"{daemon.public_url}/api/v1/token/{token}")
         assert view["balance"] == AMOUNT - 3 * PRICE
 
@@ -168,7 +166,7 @@ async def test_their_issuer_answers_our_client_and_the_daemon_verifies_the_pass(
         code, out, err = await client("issue", "--seed", SEED, "--info", info, b64url(request))
         assert code == 0, err
         # The voprf package verifies their proof against the directory's key.
-        the_pass = finalize(state, token_input, unb64url(out.strip()), public_key)
+        the_pass = finalize(state, token_input, from_b64url(out.strip()), public_key)
         verify = daemon.internal_url + "/api/v1/passes/verify"
         code, body, _ = await post_json(http, verify, {"token": b64url(the_pass)})
         assert (code, body) == (200, {"status": "valid"})

@@ -8,7 +8,6 @@ info - a challenge every user of the issuer shares, so a pass names nobody).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -19,21 +18,13 @@ from typing import Any, Final
 
 from voprf import p384
 
-from anonticket.passes.wire import TOKEN_TYPE, TokenRequest, token_key_id
+from anonticket.passes.wire import TOKEN_TYPE, TokenRequest, b64url, token_key_id
 
 STORE_VERSION: Final = 1
 
 
 class PassError(Exception):
     """Something about passes went wrong; the message is one line for the user."""
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def from_b64url(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def token_challenge(

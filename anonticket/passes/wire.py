@@ -10,6 +10,7 @@ The token's VOPRF input is the token without its authenticator.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from dataclasses import dataclass
 from typing import Final
@@ -24,6 +25,16 @@ TOKEN_SIZE: Final = 2 + 32 + 32 + 32 + AUTHENTICATOR
 REQUEST_MEDIA: Final = "application/private-token-request"
 RESPONSE_MEDIA: Final = "application/private-token-response"
 DIRECTORY_MEDIA: Final = "application/private-token-issuer-directory"
+
+
+def b64url(data: bytes) -> str:
+    """base64url without padding, as the batch form and RFC 9577 headers write it."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def from_b64url(text: str) -> bytes:
+    """base64url, padded or not (RFC 9578's directory pads; most clients do not)."""
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 class WireError(ValueError):

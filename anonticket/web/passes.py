@@ -28,6 +28,8 @@ from anonticket.passes.wire import (
     Token,
     TokenRequest,
     WireError,
+    b64url,
+    from_b64url,
 )
 from anonticket.store import Store
 from anonticket.store.records import (
@@ -49,14 +51,11 @@ DIRECTORY_MAX_AGE: Final = 3600  # seconds; less when the key rotates sooner
 Threads = Callable[..., Deferred[Any]]  # run a function in the reactor's thread pool
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def _from_b64url(text: object) -> bytes:
+    """A client's base64url field: text, ASCII and short before it is decoded."""
     if not isinstance(text, str) or not text.isascii() or len(text) > 1000:
         raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    return from_b64url(text)
 
 
 class Passes:
@@ -142,7 +141,7 @@ class Passes:
         answer, responses = await self._issue(request, token, key, requests, current)
         return respond(
             request,
-            {"responses": [_b64url(r) for r in responses], "balance": answer.balance},
+            {"responses": [b64url(r) for r in responses], "balance": answer.balance},
         )
 
     async def _issue(
