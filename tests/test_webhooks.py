@@ -303,3 +303,24 @@ def test_a_damaged_webhook_key_stops_start_up_with_one_line(tmp_path):
     (tmp_path / "webhook.secret").chmod(0o600)
     with pytest.raises(DataDirError, match="whsec_"):
         load_signer(tmp_path, "hmac")
+
+
+@pytest_twisted.ensureDeferred
+async def test_delivered_events_are_purged_and_waiting_ones_kept(database_url, tmp_path):
+    from anonticket.store.outbox import EventState
+
+    store = Store(reactor, database_url, tmp_path, events=True)
+    store.open()
+    try:
+        for i, pid in enumerate((PID, "fedcba9876543210")):
+            await store.record_transfers([transfer(pid, i + 1, amount=AMOUNT)], now=1)
+            await store.redeem(PaymentId.parse(pid), 2)
+        due = await store.take_due_events(10, 60, 8, "node")
+        assert len(due) == 2
+        await store.settle_event(due[0].row, EventState.DELIVERED, 20)
+        assert await store.purge_delivered_events(20, 10) == 0  # delivered at 20, not before
+        assert await store.purge_delivered_events(21, 10) == 1
+        backlog = await store.event_backlog()
+        assert (backlog.waiting, backlog.failed) == (1, 0)  # the other one is kept
+    finally:
+        store.close()

@@ -16,7 +16,7 @@ from enum import IntEnum
 from typing import Any, Final
 
 from anonticket.store.dialect import Dialect
-from anonticket.store.units import Txn, writes
+from anonticket.store.units import Txn, delete_some, writes
 
 
 class EventState(IntEnum):
@@ -240,11 +240,5 @@ def retry_failed(txn: Txn, d: Dialect, event_id: str | None, now: int) -> int:
 def purge_delivered(txn: Txn, d: Dialect, before: int, limit: int) -> int:
     """Forget at most ``limit`` events delivered before ``before``; how many went."""
     d.start_write(txn)
-    rows = txn.execute(
-        d.sql(
-            "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state = ? "
-            "AND settled_at < ? ORDER BY id LIMIT ?) RETURNING id"
-        ),
-        (int(EventState.DELIVERED), before, limit),
-    ).fetchall()
-    return len(rows)
+    args = (int(EventState.DELIVERED), before)
+    return delete_some(txn, d, "outbox", "id", "state = ? AND settled_at < ?", args, limit, "id")

@@ -23,7 +23,7 @@ from anonticket.store.records import (
     VersionMismatch,
     status_of,
 )
-from anonticket.store.units import Txn, writes
+from anonticket.store.units import Txn, delete_some, writes
 
 # The compare-and-swap loses only to a change that committed meanwhile; each loss means another
 # change went through, so with a bounded number of writers it ends.  This bounds it anyway.
@@ -170,14 +170,9 @@ def _remember(
 def purge_idempotency(txn: Txn, d: Dialect, before: int, limit: int) -> int:
     """Forget at most ``limit`` Idempotency-Keys stored before ``before``; how many went."""
     d.start_write(txn)
-    rows = txn.execute(
-        d.sql(
-            "DELETE FROM idempotency WHERE key_tag IN (SELECT key_tag FROM idempotency "
-            "WHERE created_at < ? ORDER BY created_at LIMIT ?) RETURNING key_tag"
-        ),
-        (before, limit),
-    ).fetchall()
-    return len(rows)
+    return delete_some(
+        txn, d, "idempotency", "key_tag", "created_at < ?", (before,), limit, "created_at"
+    )
 
 
 def ledger(
@@ -219,11 +214,4 @@ def use_pass(txn: Txn, d: Dialect, nonce_tag: bytes, period: int, now: int) -> b
 def purge_used_passes(txn: Txn, d: Dialect, below_period: int, limit: int) -> int:
     """Forget used passes of keys no pass verifies under any more (periods below this)."""
     d.start_write(txn)
-    rows = txn.execute(
-        d.sql(
-            "DELETE FROM used_passes WHERE nonce_tag IN (SELECT nonce_tag FROM used_passes "
-            "WHERE period < ? LIMIT ?) RETURNING period"
-        ),
-        (below_period, limit),
-    ).fetchall()
-    return len(rows)
+    return delete_some(txn, d, "used_passes", "nonce_tag", "period < ?", (below_period,), limit)
