@@ -86,8 +86,16 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting(
         "wallet-rpc-login",
         None,
-        "user:password for the wallet's --rpc-login (HTTP Digest)",
+        "user:password for the wallet's --rpc-login (HTTP Digest); visible in ps: prefer "
+        "--wallet-rpc-login-file",
         shown_default="unset: no authentication",
+    ),
+    Setting(
+        "wallet-rpc-login-file",
+        None,
+        "file holding user:password for the wallet's --rpc-login (read at start; e.g. a "
+        "systemd credential)",
+        shown_default="unset",
     ),
     Setting("min-confirmations", "10", "confirmations before a payment is redeemable"),
     Setting("min-amount", "10000000000", "smallest redeemable transfer, atomic units"),
@@ -151,6 +159,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "pass-batch-max",
         "100",
         "token requests one POST /api/v1/passes may carry (1 to 100)",
+    ),
+    Setting(
+        "log-format",
+        "text",
+        "text (twistd's lines), json (one JSON object per line: time, level, namespace, "
+        "message, fields) or journal (text lines with a <N> priority prefix for journald)",
     ),
     Setting("no-monitor", None, "serve without polling the wallet (a second API node)", True),
 )
@@ -222,6 +236,7 @@ class Config:
     pass_key_file: Path | None = None
     pass_key_lifetime: int = 2_592_000
     pass_batch_max: int = 100
+    log_format: str = "text"
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -311,6 +326,36 @@ def _login(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+def _login_file(value: str | None) -> tuple[str, str] | None:
+    """Read user:password from a file (one line; a trailing newline is fine)."""
+    if value is None:
+        return None
+    try:
+        with open(value, encoding="utf-8") as f:
+            text = f.read(4097)
+    except OSError as e:
+        raise ConfigError(f"--wallet-rpc-login-file: cannot read {value}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("--wallet-rpc-login-file: not UTF-8 text") from None
+    line = text.strip("\r\n")
+    if len(text) > 4096 or "\n" in line:
+        raise ConfigError("--wallet-rpc-login-file: expected one line user:password")
+    try:
+        return _login(line)
+    except ConfigError:
+        # Never echo the file's content: it is a secret.
+        raise ConfigError("--wallet-rpc-login-file: expected one line user:password") from None
+
+
+LOG_FORMATS: Final = ("text", "json", "journal")
+
+
+def _log_format(value: str | None) -> str:
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"--log-format: expected one of {', '.join(LOG_FORMATS)}, got {value!r}")
+    return value
+
+
 def _poll_interval(value: str | None) -> float:
     try:
         seconds = float(value or "")
@@ -339,6 +384,10 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
             return None  # type: ignore[return-value]  # never used: errors is not empty
 
     data_dir = Path(parse("data-dir", lambda x: x or "."))
+    login = parse("wallet-rpc-login", _login)
+    login_file = parse("wallet-rpc-login-file", _login_file)
+    if login is not None and login_file is not None:
+        errors.append("--wallet-rpc-login and --wallet-rpc-login-file: give one, not both")
     config = Config(
         data_dir=data_dir,
         database=parse("database", lambda x: _database(x, data_dir)),
@@ -348,7 +397,8 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         tor_config=parse("tor-config", read_tor_config),
         tor_cookie_file=parse("tor-cookie-file", _cookie_file),
         wallet_rpc=parse("wallet-rpc", _wallet_url),
-        wallet_rpc_login=parse("wallet-rpc-login", _login),
+        wallet_rpc_login=login or login_file,
+        log_format=parse("log-format", _log_format),
         min_confirmations=parse(
             "min-confirmations", lambda x: _bounded_int("min-confirmations", x, 1, 1_000_000)
         ),

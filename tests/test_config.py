@@ -100,6 +100,7 @@ def test_every_setting_is_an_option_and_named_in_help():
         (["--wallet-rpc", "ftp://x"], {}, "--wallet-rpc: expected http://"),
         (["--wallet-rpc", "http://u:p@127.0.0.1:1"], {}, "--wallet-rpc: put credentials"),
         (["--wallet-rpc-login", "nopassword"], {}, "--wallet-rpc-login: expected user:password"),
+        (["--log-format", "xml"], {}, "--log-format: expected one of text, json, journal"),
         (["--database", "mysql://x"], {}, "--database: expected sqlite:///PATH"),
         (["--public", "ssl:443"], {}, "--public: unsupported endpoint type"),
         (["--tor-control", "tcp:192.0.2.1:9051"], {}, "--tor-control: expected unix:"),
@@ -112,6 +113,29 @@ def test_bad_values_name_the_option(args, env, message):
         parse([*TCP, *args], env)
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_the_wallet_login_is_read_from_a_file_and_never_echoed(tmp_path):
+    login = tmp_path / "login"
+    login.write_text("monitor:s3cret\n")
+    assert parse([*TCP, "--wallet-rpc-login-file", str(login)]).wallet_rpc_login == (
+        "monitor",
+        "s3cret",
+    )
+    env = {"ANONTICKET_WALLET_RPC_LOGIN_FILE": str(login)}
+    assert parse(TCP, env).wallet_rpc_login == ("monitor", "s3cret")
+    for bad in ("s3cret-without-user\n", "monitor:s3cret\nsecond:line\n", "x" * 5000):
+        login.write_text(bad)
+        with pytest.raises(ConfigError) as e:
+            parse([*TCP, "--wallet-rpc-login-file", str(login)])
+        assert str(e.value) == "--wallet-rpc-login-file: expected one line user:password"
+    with pytest.raises(ConfigError) as e:
+        parse([*TCP, "--wallet-rpc-login-file", str(tmp_path / "absent")])
+    assert "--wallet-rpc-login-file: cannot read" in str(e.value)
+    login.write_text("monitor:s3cret")
+    with pytest.raises(ConfigError) as e:
+        parse([*TCP, "--wallet-rpc-login", "a:b", "--wallet-rpc-login-file", str(login)])
+    assert "give one, not both" in str(e.value) and "s3cret" not in str(e.value)
 
 
 def test_every_bad_value_is_reported_at_once():
