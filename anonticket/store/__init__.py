@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from anonticket.domain import PaymentId, ServiceToken, derive_service_token
 from anonticket.keys import Tagger, prepare_data_dir
-from anonticket.store import outbox, queries, spending
+from anonticket.store import outbox, queries, revocations, spending
 from anonticket.store.answercache import DEFAULT_SIZE, AnswerCache
 from anonticket.store.batch import Batcher
 from anonticket.store.changes import NumberedRows
@@ -309,20 +309,37 @@ class Store:
         tag = self.tagger.token_tag(token.raw)
         event_token = token.raw if self.events else None
         d = self._run(queries.revoke, tag, reason, abuse_score, now, event_token)
+        return d.addCallback(self._status_changed, tag)
 
-        def revoked(
-            result: tuple[TokenRecord, bool, bytes] | None,
-        ) -> tuple[TokenRecord, bool] | None:
-            if result is None:
-                return None
-            record, newly, pid_tag = result
-            if newly:
-                self._written()
-                self.token_answers.invalidate([tag])
-                self.redeem_answers.invalidate([pid_tag])
-            return record, newly
+    def unrevoke(
+        self, token: ServiceToken, reason: str, abuse_score: int | None, now: int
+    ) -> Deferred[tuple[TokenRecord, bool] | None]:
+        """Undo the token's revocation (see :func:`revocations.unrevoke`); like :meth:`revoke`,
+        the record and whether this call changed it, None for an unknown token."""
+        tag = self.tagger.token_tag(token.raw)
+        event_token = token.raw if self.events else None
+        d = self._run(revocations.unrevoke, tag, reason, abuse_score, now, event_token)
+        return d.addCallback(self._status_changed, tag)
 
-        return d.addCallback(revoked)
+    def _status_changed(
+        self, result: tuple[TokenRecord, bool, bytes] | None, tag: bytes
+    ) -> tuple[TokenRecord, bool] | None:
+        """After a revoke or un-revoke of the token ``tag``: its answers evicted if it changed
+        (its PID's redeem answer holds its status), the record and whether it changed."""
+        if result is None:
+            return None
+        record, newly, pid_tag = result
+        if newly:
+            self._written()
+            self.token_answers.invalidate([tag])
+            self.redeem_answers.invalidate([pid_tag])
+        return record, newly
+
+    def past_revocations(
+        self, token: ServiceToken, limit: int, before: int | None
+    ) -> Deferred[list[revocations.PastRevocation] | None]:
+        """The token's undone revocations newest first (None: unknown token)."""
+        return self._run(revocations.revocations, self.tagger.token_tag(token.raw), limit, before)
 
     def spend(self, request: SpendRequest, now: int) -> Deferred[SpendResult]:
         """Make a spend once per Idempotency-Key (see :func:`spending.spend`); a request whose
