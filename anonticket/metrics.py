@@ -44,6 +44,7 @@ LOOKUP_OUTCOMES = (
     "error",
 )
 REVOKE_OUTCOMES = ("revoked", "already_revoked", "not_found", "invalid", "error")
+UNREVOKE_OUTCOMES = ("unrevoked", "not_revoked", "not_found", "invalid", "error")
 PASS_ISSUANCE_OUTCOMES = (
     "issued",
     "replayed",
@@ -174,6 +175,13 @@ class Metrics:
         )
         self.lookup_outcomes = Outcomes(self.token_lookups, LOOKUP_OUTCOMES)
         self.revoke_outcomes = Outcomes(self.revocations, REVOKE_OUTCOMES)
+        self.unrevocations = Counter(
+            "anonticket_token_unrevocations",
+            "Un-revoke requests by outcome: unrevoked, not_revoked, not_found, invalid, error.",
+            ["outcome"],
+            registry=r,
+        )
+        self.unrevoke_outcomes = Outcomes(self.unrevocations, UNREVOKE_OUTCOMES)
         self.http_duration = Histogram(
             "anonticket_http_request_duration_seconds",
             "Time to answer an HTTP request, by site and route.",

@@ -95,6 +95,13 @@ def _revoke_arguments(body: dict[str, Any]) -> tuple[str | None, int | None]:
     return reason, score
 
 
+def _unrevoke_arguments(body: dict[str, Any]) -> tuple[str, int | None]:
+    reason, score = _revoke_arguments(body)
+    if reason is None or not reason.strip():
+        raise ApiError(400, "invalid_request", "reason is required: why the revocation is undone")
+    return reason, score
+
+
 class InternalAPI:
     app = Klein()
     install_error_handlers(app, "internal")
@@ -153,6 +160,56 @@ class InternalAPI:
         record, newly = result
         outcomes.count("revoked" if newly else "already_revoked")
         return respond(request, internal_token_view(record))
+
+    @app.route("/api/v1/token/<string:token>/unrevoke", methods=["POST"])
+    async def unrevoke(self, request: IRequest, token: str) -> bytes:
+        set_route(request, "unrevoke")
+        outcomes = self._metrics.unrevoke_outcomes
+        try:
+            parsed = ServiceToken.parse(token)
+            reason, score = _unrevoke_arguments(read_json_object(request))
+        except Exception:
+            outcomes.count("invalid")
+            raise
+        now = int(self._clock.seconds())
+        try:
+            result = await store_answer(
+                self._metrics, "unrevoke", self._store.unrevoke(parsed, reason, score, now)
+            )
+        except ApiError:
+            outcomes.count("error")
+            raise
+        if result is None:
+            outcomes.count("not_found")
+            raise token_not_found()
+        record, newly = result
+        outcomes.count("unrevoked" if newly else "not_revoked")
+        etag(request, record.version)
+        return respond(request, internal_token_view(record))
+
+    @app.route("/api/v1/token/<string:token>/revocations", methods=["GET"])
+    async def revocations(self, request: IRequest, token: str) -> bytes:
+        set_route(request, "revocations")
+        parsed = ServiceToken.parse(token)
+        limit, before = page_query(request)
+        past = await store_answer(
+            self._metrics, "revocations", self._store.past_revocations(parsed, limit, before)
+        )
+        if past is None:
+            raise token_not_found()
+        entries = [
+            {
+                "revoked_at": rfc3339(p.revoked_at),
+                "revoke_reason": p.revoke_reason,
+                "unrevoked_at": rfc3339(p.unrevoked_at),
+                "unrevoke_reason": p.unrevoke_reason,
+            }
+            for p in past
+        ]
+        more = len(past) == limit and past
+        return respond(
+            request, {"revocations": entries, "next": str(past[-1].id) if more else None}
+        )
 
     @app.route("/api/v1/token/<string:token>", methods=["GET"])
     async def token(self, request: IRequest, token: str) -> bytes:
