@@ -15,14 +15,15 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    ProcessCollector,
     disable_created_metrics,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from anonticket import __version__
 
-ONION_STATES = ("disabled", "starting", "publishing", "published", "failed")
+ONION_STATES = ("disabled", "starting", "bootstrapping", "publishing", "published", "failed")
 
 REDEEM_OUTCOMES = (
     "success",
@@ -83,6 +84,39 @@ class Outcomes:
 
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class UnsetGauge(Collector):
+    """A gauge with no sample until it is first set, and again after ``clear()``.
+
+    prometheus_client's Gauge starts at 0, which for a chain height or a bootstrap percentage
+    is a wrong answer rather than none: an alert on "height is low" or a graph would take it
+    for a value.  Without a sample, ``absent()`` says what is true: not known yet.
+    """
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._value: float | None = None
+        registry.register(self)
+
+    def set(self, value: float) -> None:
+        self._value = value
+
+    def clear(self) -> None:
+        self._value = None
+
+    def value(self) -> float | None:
+        return self._value
+
+    def collect(self) -> Any:
+        family = GaugeMetricFamily(self._name, self._documentation)
+        if self._value is not None:
+            family.add_metric([], self._value)
+        yield family
+
+    def describe(self) -> Any:
+        yield GaugeMetricFamily(self._name, self._documentation)
 
 
 class Metrics:
@@ -201,9 +235,10 @@ class Metrics:
             ["operation"],
             registry=r,
         )
-        self.wallet_height = Gauge(
+        self.wallet_height = UnsetGauge(
             "anonticket_wallet_height",
-            "The wallet's chain height (block count) at the last successful poll.",
+            "The wallet's chain height (block count) at the last successful poll; no sample "
+            "before the first.",
             registry=r,
         )
         self.monitor_cursor = Gauge(
@@ -290,6 +325,15 @@ class Metrics:
             registry=r,
         )
         self.onion_state.state("disabled")
+        self.tor_bootstrap_percent = UnsetGauge(
+            "anonticket_tor_bootstrap_percent",
+            "Tor's bootstrap progress (0-100) as tor last reported it; no sample while no tor "
+            "is connected or the public site is not an onion.",
+            registry=r,
+        )
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
+        # process_max_fds, process_start_time_seconds...: read from /proc when scraped.
+        ProcessCollector(registry=r)
         self.answer_cache_entries = Gauge(
             "anonticket_answer_cache_entries",
             "Answers kept in memory (--answer-cache), by kind: token (token checks), redeem "

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import hashlib
 import os
 import random
@@ -61,6 +62,7 @@ from anonticket import torcontrol
 from anonticket.keys import DataDirError, fsync_dir, load_or_create_key_file, prepare_data_dir
 from anonticket.metrics import Metrics
 from anonticket.torcontrol import CookiePolicy
+from anonticket.torstatus import Bootstrap, watch_bootstrap
 from anonticket.web.http import PrivacySite
 from anonticket.web.service import SiteService, StartupError
 
@@ -261,6 +263,9 @@ class _Session:
     service_id: str | None = None
     connected: bool = False
     bootstrapped: bool = False
+    bootstrap: Bootstrap | None = None  # tor's latest bootstrap report
+    published: bool = False  # a descriptor was uploaded
+    started: float = 0.0
     config: Any = None  # the launched tor's txtorcon TorConfig
     timers: list[IDelayedCall] = field(default_factory=list)
 
@@ -380,6 +385,56 @@ class OnionService(Service):
         self._session: _Session | None = None
         self._loop: defer.Deferred[None] | None = None
         self._announced = False
+        self.state = "disabled"
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        self._metrics.onion_state.state(state)
+
+    def _refresh_state(self, session: _Session) -> None:
+        """The state a live session is in: tor still bootstrapping (it cannot reach the Tor
+        network yet), the service waiting for its first descriptor upload, or published."""
+        if self._session is not session or session.protocol is None:
+            return
+        if session.published:
+            self._set_state("published")
+        elif session.bootstrap is None or not session.bootstrap.done:
+            self._set_state("bootstrapping")
+        else:
+            self._set_state("publishing")
+
+    def health(self) -> dict[str, Any]:
+        """For /healthz: the state, tor's bootstrap progress and what tor last complained of."""
+        session = self._session
+        bootstrap = None if session is None else session.bootstrap
+        return {
+            "state": self.state,
+            "bootstrap_percent": None if bootstrap is None else bootstrap.percent,
+            "bootstrap_summary": None if bootstrap is None else bootstrap.summary,
+            "problem": None if bootstrap is None else bootstrap.problem,
+        }
+
+    def _tor_reported(self, session: _Session, report: Bootstrap) -> None:
+        if self._session is not session:
+            return
+        before = session.bootstrap
+        session.bootstrap = report
+        self._metrics.tor_bootstrap_percent.set(report.percent)
+        if report.done and (before is None or not before.done):
+            session.bootstrapped = True
+            log.info(
+                "tor bootstrapped ({elapsed:.1f}s after the control connection was made)",
+                elapsed=self._clock.seconds() - session.started,
+            )
+        elif not report.done and (before is None or before.percent != report.percent):
+            log.info(
+                "tor bootstrap {percent}%: {summary}",
+                percent=report.percent,
+                summary=report.summary,
+            )
+        if report.problem and (before is None or before.problem != report.problem):
+            log.warn("tor bootstrap problem: {problem}", problem=report.problem)
+        self._refresh_state(session)
 
     # -- start ----------------------------------------------------------------------------
 
@@ -415,7 +470,7 @@ class OnionService(Service):
             raise StartupError(f"--public: {e}") from None
         self.site_service = site_service
         super().startService()
-        self._metrics.onion_state.state("starting")
+        self._set_state("starting")
         self._loop = defer.ensureDeferred(self._run())
         self._loop.addErrback(self._loop_crashed)
 
@@ -458,10 +513,19 @@ class OnionService(Service):
         up and try again after a capped, jittered exponential back-off."""
         failures = 0
         while self.running:
-            self._metrics.onion_state.state("starting")
+            self._set_state("starting")
             step = "launch tor" if self._tor_control is None else "connect to tor"
             try:
                 session = await (self._launch() if self._tor_control is None else self._connect())
+                step = "read tor's bootstrap status"
+                session.started = self._clock.seconds()
+                await watch_bootstrap(
+                    session.protocol,
+                    functools.partial(self._tor_reported, session),
+                    self._clock,
+                    self._timeouts.command,
+                )
+                self._refresh_state(session)
                 step = "create the onion service"
                 await self._publish(session)
                 failures = 0
@@ -473,7 +537,7 @@ class OnionService(Service):
                 log.error(
                     "onion service: could not {step}: {error}", step=step, error=_tor_error_text(e)
                 )
-            self._metrics.onion_state.state("failed")
+            self._set_state("failed")
             try:
                 await self._close_session(remove=False)
                 if not self.running:
@@ -494,7 +558,7 @@ class OnionService(Service):
     def _loop_crashed(self, failure: Failure) -> None:
         if failure.check(defer.CancelledError):
             return
-        self._metrics.onion_state.state("failed")
+        self._set_state("failed")
         log.failure("onion service: the tor loop stopped", failure)
 
     async def _connect(self) -> _Session:
@@ -537,10 +601,6 @@ class OnionService(Service):
                 self._connect_control(control_path, deadline, policy, ready)
             )
 
-        def bootstrapped(_: object) -> None:
-            session.bootstrapped = True
-            log.info("tor bootstrapped in {elapsed:.1f}s", elapsed=clock.seconds() - started)
-
         def launch_failed(failure: Failure) -> None:
             if not ready.called:  # no tor binary, or tor would not start
                 ready.errback(failure)
@@ -567,14 +627,14 @@ class OnionService(Service):
             stdout=output,
             stderr=output,
             kill_on_stderr=False,
-            progress_updates=_log_progress,
             tor_binary=self._tor_binary,
             connection_creator=connection_creator,
             _tor_config=config,  # the only way to pass extra torrc options at launch
         )
         session.process = spawner.protocol
         spawner.ended.addCallback(exited)
-        launching.addCallbacks(bootstrapped, launch_failed)
+        # Bootstrap progress is read from tor's events (watch_bootstrap), as for an attached tor.
+        launching.addErrback(launch_failed)
         session.protocol = await ready.addTimeout(t.connect, clock)
         self._watch_connection(session)
         log.info(
@@ -650,7 +710,7 @@ class OnionService(Service):
         elapsed = clock.seconds() - started
         assert self.address is not None
         _write_public_file(self._data_dir / HOSTNAME_FILE, self.address + "\n")
-        self._metrics.onion_state.state("publishing")
+        self._refresh_state(session)
         if not self._announced:
             self._announced = True
             log.info(
@@ -665,7 +725,8 @@ class OnionService(Service):
 
         def uploaded(_: object) -> None:
             if self._session is session:
-                self._metrics.onion_state.state("published")
+                session.published = True
+                self._refresh_state(session)
                 log.info(
                     "onion service published: descriptor uploaded {elapsed:.1f}s after creation",
                     elapsed=clock.seconds() - started,
@@ -742,6 +803,7 @@ class OnionService(Service):
             shutil.rmtree(session.control_dir, ignore_errors=True)
         if self._session is session:
             self._session = None
+            self._metrics.tor_bootstrap_percent.clear()  # unknown without a tor
 
     async def _stop_tor(self, process: Any) -> None:
         # TAKEOWNERSHIP makes tor exit when we hang up; SIGTERM it anyway and make sure it is
@@ -773,12 +835,8 @@ class OnionService(Service):
         if site_service is not None:
             await site_service.stopService()
         await self._close_session(remove=True)
-        self._metrics.onion_state.state("disabled")
+        self._set_state("disabled")
         log.info("onion service stopped")
-
-
-def _log_progress(percent: int, tag: str, summary: str) -> None:
-    log.info("tor bootstrap {percent}%: {summary}", percent=percent, summary=summary)
 
 
 def _bootstrap_late(session: _Session, timeout: float) -> None:

@@ -130,9 +130,10 @@ def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> Anont
         max_body=MAX_BODY if pass_issuer is None else PASS_BATCH_BODY,
     )
     virtual_port = onion_port(config.public)
+    onion: OnionService | None = None
     if virtual_port is not None:
         # Listens on a socket only tor reaches, then publishes it; never delays the rest.
-        OnionService(
+        onion = OnionService(
             reactor,
             data_dir=config.data_dir,
             site=public_site,
@@ -141,12 +142,19 @@ def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> Anont
             tor_control=config.tor_control,
             tor_options=config.tor_config,
             tor_cookie_files=None if config.tor_cookie_file is None else [config.tor_cookie_file],
-        ).setServiceParent(root)
+        )
+        onion.setServiceParent(root)
     else:
         SiteService(reactor, "public", config.public, public_site).setServiceParent(root)
 
     internal = InternalAPI(
-        store, metrics, reactor, config.min_confirmations, monitor=monitor, passes=pass_issuer
+        store,
+        metrics,
+        reactor,
+        config.min_confirmations,
+        monitor=monitor,
+        passes=pass_issuer,
+        onion=onion,
     )
     internal_site = PrivacySite(
         internal.app.resource(), name="internal", metrics=metrics, clock=reactor

@@ -142,6 +142,7 @@ async def test_healthz_reports_store_and_disabled_monitor(daemon, http):
         "wallet_height": 100,
         "cursor": 80,
         "lag": 10,
+        "tor": {"state": "disabled"},  # the public site is on tcp: no onion to check
     }
 
 

@@ -44,6 +44,7 @@ from anonticket.onion import (
     print_address_main,
 )
 from anonticket.torcontrol import DEFAULT_COOKIE_FILES, CookiePolicy
+from anonticket.torstatus import Bootstrap, parse_bootstrap
 from anonticket.web.http import PrivacySite
 from anonticket.web.service import SiteService, StartupError
 
@@ -253,6 +254,16 @@ class FakeControl(FakeControlProtocol):  # type: ignore[misc]
             return defer.fail(answer)
         return defer.succeed(answer)
 
+    def get_info(self, key: str) -> defer.Deferred[Any]:
+        # Bootstrapped unless a test scripts tor's answer (it is asked as a GETINFO).
+        answer = self.script.get("GETINFO", 'NOTICE BOOTSTRAP PROGRESS=100 TAG=done SUMMARY="Done"')
+        if isinstance(answer, Exception):
+            return defer.fail(answer)
+        return defer.succeed({key: answer})
+
+    def bootstrap_event(self, text: str) -> None:
+        self.events["STATUS_CLIENT"](text)
+
     def when_disconnected(self) -> defer.Deferred[None]:
         d: defer.Deferred[None] = defer.Deferred()
         if self.connected:
@@ -425,6 +436,99 @@ async def test_publish_then_published_then_stop_removes_it(
         await http.get(f"http://127.0.0.1:{port}/", timeout=5)
 
 
+def _bootstrap_samples(metrics: Metrics) -> list[float]:
+    return [
+        sample.value
+        for metric in metrics.registry.collect()
+        if metric.name == "anonticket_tor_bootstrap_percent"
+        for sample in metric.samples
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tor_that_cannot_reach_the_network_is_bootstrapping_not_publishing(
+    harness: Harness, logs: Callable[[str], list[str]]
+) -> None:
+    tor = harness.control(GETINFO='NOTICE BOOTSTRAP PROGRESS=5 TAG=conn SUMMARY="Connecting"')
+    harness.tors = [tor]
+    svc = harness.service()
+    assert _bootstrap_samples(harness.metrics) == []  # no tor yet: unknown, not 0
+    svc.startService()
+    assert harness.state() == "bootstrapping" and tor.verbs() == ["ADD_ONION"]
+    assert _bootstrap_samples(harness.metrics) == [5]
+    tor.bootstrap_event(
+        'WARN BOOTSTRAP PROGRESS=5 TAG=conn SUMMARY="Connecting to a relay" '
+        'WARNING="Connection refused" REASON=CONNECTREFUSED COUNT=3 RECOMMENDATION=warn'
+    )
+    tor.bootstrap_event("NOTICE CIRCUIT_ESTABLISHED")  # another client status: ignored
+    assert svc.health() == {
+        "state": "bootstrapping",
+        "bootstrap_percent": 5,
+        "bootstrap_summary": "Connecting to a relay",
+        "problem": "Connection refused (CONNECTREFUSED)",
+    }
+    assert logs("tor bootstrap problem: Connection refused (CONNECTREFUSED)")
+    tor.upload(harness.service_id)  # tor can upload only once bootstrapped; the upload wins
+    assert harness.state() == "published"
+    await svc.stopService()
+    assert _bootstrap_samples(harness.metrics) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_bootstrap_done_moves_to_publishing_and_is_logged_once(
+    harness: Harness, logs: Callable[[str], list[str]]
+) -> None:
+    tor = harness.control(GETINFO='NOTICE BOOTSTRAP PROGRESS=75 TAG=ap_conn SUMMARY="Almost"')
+    harness.tors = [tor]
+    svc = harness.service()
+    svc.startService()
+    assert harness.state() == "bootstrapping"
+    assert svc.health()["problem"] is None
+    tor.bootstrap_event('NOTICE BOOTSTRAP PROGRESS=100 TAG=done SUMMARY="Done"')
+    tor.bootstrap_event('NOTICE BOOTSTRAP PROGRESS=100 TAG=done SUMMARY="Done"')
+    assert harness.state() == "publishing"
+    assert _bootstrap_samples(harness.metrics) == [100]
+    assert len(logs("tor bootstrapped")) == 1
+    tor.upload(harness.service_id)
+    assert harness.state() == "published"
+    await svc.stopService()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            'NOTICE BOOTSTRAP PROGRESS=100 TAG=done SUMMARY="Done"',
+            Bootstrap(100, "done", "Done"),
+        ),
+        (
+            r'WARN BOOTSTRAP PROGRESS=10 TAG=conn_done SUMMARY="a \"quoted\" word" '
+            'WARNING="No route to host" REASON=NOROUTE HOSTADDR=192.0.2.1:443',
+            Bootstrap(10, "conn_done", 'a "quoted" word', "No route to host (NOROUTE)"),
+        ),
+        (
+            "WARN BOOTSTRAP PROGRESS=3 TAG=x",
+            Bootstrap(3, "x", "", "tor reported a bootstrap problem"),
+        ),
+        ('NOTICE BOOTSTRAP PROGRESS=1 SUMMARY="bell\x07"', Bootstrap(1, "", "bell?")),
+        ("NOTICE CIRCUIT_ESTABLISHED", None),
+        ("NOTICE BOOTSTRAP PROGRESS=101 TAG=done", None),
+        ("NOTICE BOOTSTRAP PROGRESS=x", None),
+        ("NOTICE BOOTSTRAP", None),
+        ("", None),
+    ],
+)
+def test_bootstrap_reports_are_parsed_as_tor_writes_them(
+    text: str, expected: Bootstrap | None
+) -> None:
+    assert parse_bootstrap(text) == expected
+
+
+def test_tors_words_are_bounded() -> None:
+    parsed = parse_bootstrap(f'NOTICE BOOTSTRAP PROGRESS=1 SUMMARY="{"x" * 5000}"')
+    assert parsed is not None and len(parsed.summary) == 200
+
+
 @pytest_twisted.ensureDeferred
 async def test_upload_timeout_logs_and_keeps_the_service(
     harness: Harness, logs: Callable[[str], list[str]]
@@ -498,7 +602,7 @@ async def test_add_onion_timeout_hangs_up_and_retries(
     harness.tors = [stuck, harness.control()]
     svc = harness.service()
     svc.startService()
-    assert harness.state() == "starting"
+    assert harness.state() == "publishing"  # tor is bootstrapped; ADD_ONION is in flight
     harness.clock.advance(FAST.command)
     assert logs("could not create the onion service: ADD_ONION failed: timed out")
     assert harness.state() == "failed" and stuck.verbs() == ["ADD_ONION", "QUIT"]

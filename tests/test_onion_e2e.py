@@ -60,11 +60,19 @@ def test_default_daemon_launches_tor_and_keeps_its_onion_address(tmp_path):
     for _ in range(2):
         daemon.start()
         hostname = daemon.data_dir / "onion_hostname"
-        wait_state(daemon, "publishing", 30)
+        # Without network tor never bootstraps: not "publishing", and /healthz says why.
+        wait_state(daemon, "bootstrapping", 30)
         address = hostname.read_text().strip()
         assert re.fullmatch(r"[a-z2-7]{56}\.onion", address)
         assert f"onion service {address} created" in daemon.log_text()
-        assert daemon.health()["status"] == "ok"  # the rest of the daemon is up meanwhile
+        code, raw = daemon.get("/healthz")
+        health = json.loads(raw)
+        assert code == 503 and health["status"] == "unavailable", health
+        assert health["tor"]["state"] == "bootstrapping"
+        assert 0 <= health["tor"]["bootstrap_percent"] < 100
+        assert "cannot reach the Tor network" in health["reason"]
+        assert health["store"] == "ok" and health["monitor"] == "disabled"  # the rest is up
+        assert daemon.metric("anonticket_tor_bootstrap_percent") < 100
         addresses.append(address)
         assert daemon.stop() in (0, -15)
     assert addresses[0] == addresses[1]
@@ -125,6 +133,10 @@ async def test_redeem_and_status_through_the_onion(network, tmp_path, mode, caps
     daemon.start()
     try:
         published = wait_state(daemon, "published", 120)
+        health = daemon.health()
+        assert health["status"] == "ok", health
+        assert health["tor"]["state"] == "published" and health["tor"]["bootstrap_percent"] == 100
+        assert daemon.metric("anonticket_tor_bootstrap_percent") == 100
         body = redeem_over_tor(daemon, network, pid.hex)
         elapsed = time.monotonic() - started
     finally:

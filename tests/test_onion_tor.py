@@ -286,7 +286,7 @@ async def test_service_attached_publishes_recreates_and_removes(tor: Tor, short_
     )
     svc.startService()
     try:
-        await until(lambda: state(metrics) == "publishing")
+        await until(lambda: state(metrics) == "bootstrapping")
         address = (data_dir / "onion_hostname").read_text().strip()
         assert address == svc.address == onion_address(load_or_create_onion_key(data_dir))
         assert svc._target.startswith("127.0.0.1:")
@@ -303,7 +303,7 @@ async def test_service_attached_publishes_recreates_and_removes(tor: Tor, short_
         tor.stop()  # tor goes away; the service must come back on a new tor
         await until(lambda: state(metrics) in ("failed", "starting"))
         tor.start()
-        await until(lambda: state(metrics) == "publishing")
+        await until(lambda: state(metrics) == "bootstrapping")
         assert (data_dir / "onion_hostname").read_text().strip() == address
     finally:
         await svc.stopService()
@@ -342,7 +342,9 @@ async def test_service_launches_its_own_tor_and_stops_it(short_dir: Path) -> Non
     assert time.monotonic() - started < 0.5  # tor is not waited for
     pid = None
     try:
-        await until(lambda: state(metrics) == "publishing")
+        await until(lambda: state(metrics) == "bootstrapping")
+        health = svc.health()
+        assert health["state"] == "bootstrapping" and health["bootstrap_percent"] == 0, health
         session = svc._session
         assert session is not None
         pid = session.process.transport.pid

@@ -72,6 +72,32 @@ class MonitorHealth(Protocol):
         """The height the last successful poll acted on, if any."""
 
 
+class OnionHealth(Protocol):
+    """What /healthz needs from the onion service."""
+
+    def health(self) -> dict[str, Any]:
+        """``state``, ``bootstrap_percent``, ``bootstrap_summary`` and ``problem``."""
+
+
+def _onion_problem(tor: dict[str, Any]) -> str | None:
+    """Why the onion is not reachable, in words an operator acts on; None when published."""
+    state = tor["state"]
+    if state == "published":
+        return None
+    if state == "bootstrapping":
+        percent = tor["bootstrap_percent"]
+        text = f"tor is bootstrapping ({percent} %): it cannot reach the Tor network yet"
+    elif state == "publishing":
+        text = "the onion service is waiting for tor to upload its descriptor"
+    elif state == "failed":
+        text = "the onion service failed and is being retried (see the log)"
+    else:
+        text = "tor is starting"
+    if tor.get("problem"):
+        text += f"; tor says: {tor['problem']}"
+    return text
+
+
 def _revoke_arguments(body: dict[str, Any]) -> tuple[str | None, int | None]:
     reason = body.get("reason")
     if not text_field(reason, MAX_REASON_LENGTH):
@@ -114,12 +140,14 @@ class InternalAPI:
         min_confirmations: int,
         monitor: MonitorHealth | None = None,
         passes: Passes | None = None,
+        onion: OnionHealth | None = None,
     ) -> None:
         self._store = store
         self._metrics = metrics
         self._clock = clock
         self._min_confirmations = min_confirmations
         self._monitor = monitor
+        self._onion = onion
         self._passes = passes
 
     @app.route("/api/v1/passes/verify", methods=["POST"])
@@ -388,6 +416,14 @@ class InternalAPI:
                 problems.append(f"no successful wallet poll in the last {limit:g} seconds")
             else:
                 body["monitor"] = "ok"
+        if self._onion is None:
+            body["tor"] = {"state": "disabled"}  # the public site is not an onion
+        else:
+            body["tor"] = tor = self._onion.health()
+            # Unpublished, no client can reach the public site: the daemon is not serving.
+            problem = _onion_problem(tor)
+            if problem is not None:
+                problems.append(problem)
         body["status"] = "unavailable" if problems else "ok"
         if problems:
             body["reason"] = "; ".join(problems)
