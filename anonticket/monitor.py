@@ -461,6 +461,7 @@ class MonitorService(Service):
         self._loop_done: Deferred[LoopingCall] | None = None
         self._current: Deferred[None] | None = None
         self._failures = 0
+        self._polled = False  # a first successful poll is logged once
         self._not_before = 0.0
 
     @property
@@ -522,7 +523,15 @@ class MonitorService(Service):
 
     def _succeeded(self, _: None) -> None:
         self.monitor.metrics.monitor_polls.labels("ok").inc()
-        if self._failures:
+        if not self._polled:
+            # The line an operator looks for after a start: the wallet answers (heights are
+            # public chain data; no payment detail is logged).
+            self._polled = True
+            log.info(
+                "first wallet poll succeeded: the monitor acts on chain height {height}",
+                height=self.monitor.trusted_height(),
+            )
+        elif self._failures:
             log.info("wallet poll succeeded after {count} failures", count=self._failures)
         self._failures = 0
         self._not_before = 0.0

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from collections.abc import Generator, Mapping
 from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+from twisted.python.logfile import LogFile
 
+from anonticket import logs
 from anonticket.config import Config, ConfigError, Options, from_options, onion_port
 from anonticket.keys import DataDirError, prepare_data_dir
 from anonticket.limits import raise_fd_limit
@@ -42,6 +46,16 @@ log = Logger()
 
 class AnonticketService(MultiService):
     """The root service: a start-up failure ends the process with one line, not a traceback."""
+
+    # --log-format json/journal: given to twistd as the application's log observer.
+    log_observer: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd (and a .tac file) uses the application's ILogObserver component, if it has
+        # one, instead of making its own: the only hook a plugin has into twistd's logging.
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
     def startService(self) -> None:
         try:
@@ -204,8 +218,26 @@ def makeService(
         raise SystemExit(f"anonticket: {e}") from None
     raise_fd_limit()  # each site's connection cap is fitted to it when the site listens
     service = build(config, reactor)
+    service.log_observer = log_observer(config.log_format, getattr(options, "parent", None))
     reactor.callWhenRunning(freeze_startup_heap)
     return service
+
+
+def log_observer(fmt: str, twistd: Mapping[str, object] | None) -> ILogObserver | None:
+    """The observer for --log-format, writing where twistd would have: standard output with
+    --nodaemon or --logfile=-, else the --logfile (twistd.log by default)."""
+    if fmt == "text":
+        return None
+    options = twistd or {"nodaemon": True}
+    if options.get("syslog"):
+        raise SystemExit(f"anonticket: --log-format {fmt}: not with twistd's --syslog")
+    logfile = options.get("logfile")
+    out: Any
+    if logfile == "-" or (options.get("nodaemon") and not logfile):
+        out = sys.stdout
+    else:
+        out = LogFile.fromFullPath(str(logfile or "twistd.log"))
+    return logs.observer(fmt, out)
 
 
 def freeze_startup_heap() -> None:

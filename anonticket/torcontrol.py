@@ -301,6 +301,8 @@ class VerifiedControlProtocol(TorControlProtocol):  # type: ignore[misc]
 class VerifiedControlFactory(Factory):
     """Builds :class:`VerifiedControlProtocol` connections bound by *policy*."""
 
+    noisy = False  # no "Starting factory" line per control connection
+
     def __init__(self, policy: CookiePolicy) -> None:
         self._policy = policy
 

@@ -330,6 +330,45 @@ def test_two_nodes_on_one_postgresql_credit_every_payment_exactly_once(chain, pg
         assert "Traceback" not in node.log_text()
 
 
+def test_json_logs_of_a_daemon_whose_wallet_login_is_in_a_file(chain, tmp_path):
+    """What a log shipper reads: every line one JSON object; the lines an operator looks for
+    after a start; no factory noise; no payment detail.  The wallet's login comes from a file,
+    as a systemd credential gives it (never on the command line)."""
+    login = tmp_path / "wallet-rpc-login"
+    login.write_text(":".join(LOGIN) + "\n")
+    args = [a for a in monitor_args(chain) if a not in ("--wallet-rpc-login", ":".join(LOGIN))]
+    d = Daemon(
+        tmp_path / "data",
+        *args,
+        "--wallet-rpc-login-file",
+        str(login),
+        "--log-format",
+        "json",
+    ).start()
+    try:
+        assert d.process is not None
+        cmdline = Path(f"/proc/{d.process.pid}/cmdline").read_bytes()
+        assert LOGIN[1].encode() not in cmdline  # what every local user sees in ps
+        d.wait_for_height(chain.rt.daemon_height())
+        pid, address = chain.new_payment_address()
+        chain.pay(address, XMR)
+        settle(chain, d, N)
+        code, body = redeem(d, pid)
+        assert code == 0 and body["status"] == "success", body
+    finally:
+        assert d.stop() in (0, -15)
+    records = [json.loads(line) for line in d.log_text().splitlines()]
+    for record in records:
+        assert {"time", "level", "namespace", "message"} <= record.keys(), record
+        assert record["level"] in ("info", "warn"), record
+    messages = [r["message"] for r in records]
+    assert any(m.startswith("first wallet poll succeeded") for m in messages), messages
+    assert not any("factory" in m or " starting on " in m for m in messages), messages
+    text = d.log_text()
+    for secret in (pid, body["service_token"], LOGIN[1], str(XMR)):
+        assert secret not in text, secret
+
+
 def test_no_secret_reached_a_log_line_or_a_metric(chain, daemon):
     """Runs last: every PID, token, txid and amount of this module against what was logged."""
     assert chain.secrets and TOKENS, "the tests above ran nothing to check"
