@@ -19,8 +19,10 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.plugin import getPlugins
 
+from anonticket import __version__
 from anonticket.domain import PaymentId
-from anonticket.store import Store
+from anonticket.store import Store, migrate
+from anonticket.store.dialect import SQLiteDialect
 
 from .conftest import post_json, reactor, transfer
 
@@ -116,6 +118,33 @@ def test_port_in_use_stops_start_up_with_one_line(tmp_path):
     expected = f"anonticket: --public: cannot listen on 'tcp:{port}:interface=127.0.0.1'"
     assert [line for line in output.splitlines() if expected in line] != []
     assert output.count("anonticket: --public") == 1
+
+
+def test_a_database_newer_than_this_version_stops_start_up_with_one_line(tmp_path):
+    """A rollback to an older anonticket without restoring the pre-upgrade backup: the older
+    code must not run on tables whose meaning it does not know."""
+    args = ["--no-monitor", "--public", f"tcp:{free_port()}:interface=127.0.0.1"]
+    args += ["--internal", f"tcp:{free_port()}:interface=127.0.0.1"]
+    database = tmp_path / "anonticket.sqlite3"
+    dialect = SQLiteDialect(str(database))
+    latest = migrate(dialect)
+    conn = sqlite3.connect(database)
+    conn.execute("UPDATE schema_version SET version = ?", (latest + 1,))
+    conn.commit()
+    conn.close()
+    result = run_twistd(tmp_path, *args)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    expected = (
+        f"anonticket: the database is at schema version {latest + 1}, newer than this "
+        f"anonticket {__version__} knows ({latest})"
+    )
+    assert [line for line in output.splitlines() if expected in line] != [], output
+    assert output.count("newer than this anonticket") == 1
+    conn = sqlite3.connect(database)
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(latest + 1,)]
+    conn.close()
 
 
 class Collect(ProcessProtocol):

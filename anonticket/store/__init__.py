@@ -17,6 +17,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from anonticket import __version__
 from anonticket.domain import PaymentId, ServiceToken, derive_service_token
 from anonticket.keys import Tagger, prepare_data_dir
 from anonticket.store import outbox, queries, revocations, spending
@@ -507,7 +508,17 @@ def migrate(dialect: Dialect) -> int:
     except Exception as e:  # the driver's own error types differ per database
         raise DatabaseError(f"cannot open the database: {e}") from None
     try:
-        for version, script in dialect.migrations():
+        known = dialect.migrations()
+        found = dialect.schema_version(conn)
+        if known and found > known[-1][0]:
+            # A newer anonticket wrote this database (a rollback without restoring the backup
+            # taken before the upgrade): its tables may mean things this version does not know.
+            raise DatabaseError(
+                f"the database is at schema version {found}, newer than this anonticket "
+                f"{__version__} knows ({known[-1][0]}): run the newer version, or restore the "
+                "backup taken before the upgrade (docs/admin.md)"
+            )
+        for version, script in known:
             if dialect.apply_migration(conn, version, script):
                 log.info("database migrated to schema version {version}", version=version)
         return dialect.schema_version(conn)
