@@ -69,3 +69,19 @@ def _store(dialect: Dialect, conn: Any, check: bytes) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def check_key(dialect: Dialect, conn: Any, key: bytes) -> None:
+    """Refuse, with one line, unless ``key`` is the key the database (``conn``, migrated to
+    schema 5 or later) was written with; read only: nothing is stored (restores and backups
+    check what they copy with it, before anything can start on it)."""
+    stored = _stored(dialect, conn)
+    if stored is None:
+        if _holds_data(conn):
+            raise DataDirError(
+                "the database holds payments but no check of its key: it was never opened by "
+                "anonticket 0.2 or later, so the key cannot be verified"
+            )
+        return
+    if stored != Tagger(key).key_check():
+        raise DataDirError(f"{SECRET_KEY_FILE} is not the key this database was written with")
