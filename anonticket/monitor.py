@@ -73,6 +73,8 @@ class Wallet(Protocol):
         self, min_height: int, max_height: int, *, pool: bool = True
     ) -> list[dict[str, Any]]: ...
 
+    async def identify(self) -> str: ...
+
 
 class Skip(str):
     """Why an entry is not recorded (a metric label)."""
@@ -226,6 +228,10 @@ class Monitor:
         self._turn = turn or (lambda: deferLater(clock, 0, lambda: None))
         # Skipped entries are re-read on every poll of the window; count each once.
         self._skipped_seen: OrderedDict[tuple[str, Skip], None] = OrderedDict()
+
+    @property
+    def wallet(self) -> Wallet:
+        return self._wallet
 
     def last_success(self) -> float | None:
         return self._last_success
@@ -462,6 +468,7 @@ class MonitorService(Service):
         self._current: Deferred[None] | None = None
         self._failures = 0
         self._polled = False  # a first successful poll is logged once
+        self._identified = False  # what answers at --wallet-rpc is asked once
         self._not_before = 0.0
 
     @property
@@ -513,6 +520,7 @@ class MonitorService(Service):
             return None
         d: Deferred[None] = ensureDeferred(self.monitor.poll())
         d.addCallbacks(self._succeeded, self._failed)
+        d.addCallback(lambda _: ensureDeferred(self._identify_once()))
         self._current = d
 
         def forget(result: None) -> None:
@@ -535,6 +543,33 @@ class MonitorService(Service):
             log.info("wallet poll succeeded after {count} failures", count=self._failures)
         self._failures = 0
         self._not_before = 0.0
+
+    async def _identify_once(self) -> None:
+        """After the first poll, once: warn when --wallet-rpc is not what it should be.  Part
+        of the tick, so stopping waits for it like for a poll."""
+        if self._identified or not self.running:
+            return
+        self._identified = True
+        try:
+            kind = await self.monitor.wallet.identify()
+        except CancelledError:
+            return
+        except Exception:  # a warning is not worth stopping the poll loop for
+            log.failure("could not tell what answers at --wallet-rpc")
+            return
+        if kind == "spend_capable":
+            log.warn(
+                "the wallet at --wallet-rpc can spend (it holds the spend key): anonticket "
+                "needs only a view-only wallet, and with this one whoever takes over this "
+                "machine takes the funds too (docs/wallet.md)"
+            )
+        elif kind == "monerod":
+            log.warn(
+                "--wallet-rpc answers like monerod, not monero-wallet-rpc: point it at the "
+                "view-only wallet's RPC port (docs/wallet.md)"
+            )
+        elif kind == "view_only":
+            log.info("the wallet at --wallet-rpc is view-only, as it should be")
 
     def _failed(self, failure: Any) -> None:
         if failure.check(CancelledError) and not self.running:

@@ -100,6 +100,11 @@ def _printable(text: str) -> str:
     return _UNPRINTABLE.sub(lambda found: ascii(found[0])[1:-1], text)
 
 
+# JSON-RPC error codes monero-wallet-rpc answers with (wallet_rpc_server_error_codes.h).
+WATCH_ONLY = -29
+METHOD_NOT_FOUND = -32601
+
+
 class WalletError(Exception):
     """Any failure talking to the wallet.  The message never holds the RPC password, holds at
     most ~100 characters of anything the server sent, and is printable ASCII."""
@@ -277,6 +282,35 @@ class WalletClient:
 
     async def refresh(self) -> dict[str, Any]:
         return await self.call("refresh")
+
+    async def identify(self) -> str:
+        """What answers at the wallet URL, asked without changing or revealing anything:
+        ``view_only``, ``spend_capable`` (it holds the spend key), ``monerod`` (a node, not a
+        wallet) or ``unknown`` (restricted RPC, a hardware wallet, an old version, no answer).
+
+        ``describe_transfer`` with no transaction set checks "watch-only" before the missing
+        argument (monero's wallet_rpc_server.cpp), so a view-only wallet answers -29 and a
+        spend-capable one "no txset provided".  Not ``query_key`` (a spend-capable wallet
+        would send its secret key) and not ``sign`` (monero-wallet-rpc 0.18 dies when a
+        view-only wallet is asked to sign).
+        """
+        try:
+            await self.call("describe_transfer", {})
+        except WalletError as e:
+            if e.code == WATCH_ONLY:
+                return "view_only"
+            if e.kind == "rpc_error" and "no txset" in e.message:
+                return "spend_capable"
+            if e.code != METHOD_NOT_FOUND:
+                return "unknown"
+        else:
+            return "unknown"
+        try:
+            # monerod's JSON-RPC has get_block_count; monero-wallet-rpc does not.
+            count = (await self.call("get_block_count")).get("count")
+        except WalletError:
+            return "unknown"
+        return "monerod" if isinstance(count, int) else "unknown"
 
     async def get_height(self) -> int:
         height = (await self.call("get_height")).get("height")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 
 from .daemonproc import Daemon, client
 from .monero_regtest import Regtest, WalletRPC, available
@@ -330,6 +331,28 @@ def test_two_nodes_on_one_postgresql_credit_every_payment_exactly_once(chain, pg
         assert "Traceback" not in node.log_text()
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_wallet_client_tells_view_only_spend_capable_and_monerod_apart(chain):
+    """The start-up warnings rest on this: asked of the genuine programs, nothing changed."""
+    from twisted.internet import reactor
+
+    from anonticket.wallet import WalletClient
+
+    answers = {}
+    for name, url, login in (
+        ("view_only", chain.watch.url, LOGIN),
+        ("spend_capable", chain.merchant.url, chain.merchant.login),
+        ("monerod", f"http://{chain.rt.daemon_address}", None),
+    ):
+        client = WalletClient(reactor, url.removesuffix("/json_rpc"), login=login, timeout=10)
+        try:
+            answers[name] = await client.identify()
+        finally:
+            await client.close()
+    assert answers == {k: k for k in answers}
+    assert chain.watch.height() > 0 and chain.merchant.height() > 0  # both still answer
+
+
 def test_json_logs_of_a_daemon_whose_wallet_login_is_in_a_file(chain, tmp_path):
     """What a log shipper reads: every line one JSON object; the lines an operator looks for
     after a start; no factory noise; no payment detail.  The wallet's login comes from a file,
@@ -363,6 +386,7 @@ def test_json_logs_of_a_daemon_whose_wallet_login_is_in_a_file(chain, tmp_path):
         assert record["level"] in ("info", "warn"), record
     messages = [r["message"] for r in records]
     assert any(m.startswith("first wallet poll succeeded") for m in messages), messages
+    assert "the wallet at --wallet-rpc is view-only, as it should be" in messages
     assert not any("factory" in m or " starting on " in m for m in messages), messages
     text = d.log_text()
     for secret in (pid, body["service_token"], LOGIN[1], str(XMR)):
