@@ -93,7 +93,9 @@ def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> Anont
         negative_hit=metrics.negative_cache_hits.inc,
         events=config.webhook_url is not None,
     )
-    StoreService(store, reactor).setServiceParent(root)
+    StoreService(
+        store, reactor, failed=lambda operation: metrics.store_errors.labels(operation).inc()
+    ).setServiceParent(root)
     pass_issuer = passes(config, store, metrics, reactor)
     PurgeService(
         store,

@@ -705,3 +705,37 @@ async def test_a_transfer_first_seen_in_the_pool_with_amount_0_is_valued_when_mi
     assert isinstance(await store.redeem(PID, 2), BelowMinimum)
     await store.record_transfers([transfer(PID.raw, 1, amount=70, height=107)], now=3)
     assert (await store.redeem(PID, 4)).balance == 70
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_refresh_is_counted_and_the_loop_keeps_going(tmp_path, monkeypatch):
+    """Fault injection: the database fails the refresh of the known-PID filter once."""
+    from twisted.internet.defer import fail
+    from twisted.internet.task import Clock, deferLater
+
+    from anonticket.store import StoreService
+
+    store = Store(reactor, f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path)
+    clock = Clock()
+    failures: list[str] = []
+    service = StoreService(store, clock, failed=failures.append)
+    service.startService()
+    try:
+        real = store.sync_known
+        calls: list[int] = []
+
+        def broken():
+            calls.append(1)
+            if len(calls) == 1:
+                return fail(DatabaseError("disk I/O error"))
+            return real()
+
+        monkeypatch.setattr(store, "sync_known", broken)
+        for _ in range(100):  # each tick waits for the last refresh (database threads)
+            clock.advance(1)
+            await deferLater(reactor, 0.02, lambda: None)
+            if len(calls) >= 3:
+                break
+        assert failures == ["sync_known"] and len(calls) >= 3  # counted once, still going
+    finally:
+        await service.stopService()

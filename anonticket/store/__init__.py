@@ -536,10 +536,19 @@ class StoreService(Service):
 
     name = "store"
 
-    def __init__(self, store: Store, clock: IReactorTime, sync_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: IReactorTime,
+        sync_interval: float = 1.0,
+        failed: Callable[[str], None] = lambda operation: None,
+    ) -> None:
+        """``failed(operation)`` counts a refresh that failed (``sync_known``, ``sync_tokens``):
+        the metric the store-error alert reads."""
         self.store = store
         self._clock = clock
         self._interval = sync_interval
+        self._failed = failed
         self._loop: LoopingCall | None = None
         self._loop_done: Deferred[LoopingCall] | None = None
 
@@ -551,8 +560,9 @@ class StoreService(Service):
         self._loop_done = self._loop.start(self._interval, now=False)
 
     def _sync(self) -> Deferred[list[None]]:
-        def failed(failure: Failure, what: str) -> None:
+        def failed(failure: Failure, what: str, operation: str) -> None:
             # Never let the loop die: the next tick tries again.
+            self._failed(operation)
             log.warn(
                 "store: refreshing the {what} failed: {error_type}",
                 what=what,
@@ -561,8 +571,8 @@ class StoreService(Service):
 
         return gatherResults(
             [
-                self.store.sync_known().addErrback(failed, "known-PID filter"),
-                self.store.sync_tokens().addErrback(failed, "token answers"),
+                self.store.sync_known().addErrback(failed, "known-PID filter", "sync_known"),
+                self.store.sync_tokens().addErrback(failed, "token answers", "sync_tokens"),
             ]
         )
 
