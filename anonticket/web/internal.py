@@ -8,7 +8,8 @@ anonticket.web.mtls), so who can reach it is decided by where and how it listens
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from importlib.resources import files
+from typing import Any, Final, Protocol
 
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -33,6 +34,7 @@ from anonticket.web.http import (
     install_error_handlers,
     read_json_object,
     respond,
+    respond_body,
     set_route,
     shielded,
     store_answer,
@@ -54,6 +56,10 @@ from anonticket.web.spending import (
 
 MAX_REASON_LENGTH = 1000
 SMALLINT = (-32768, 32767)
+# The OpenAPI 3.1 documents of this site and of the public one (docs/api.md): package data,
+# read once when the site is built and answered from memory.
+OPENAPI_INTERNAL: Final = "openapi-internal.json"
+OPENAPI_PUBLIC: Final = "openapi-public.json"
 
 
 class MonitorHealth(Protocol):
@@ -149,6 +155,8 @@ class InternalAPI:
         self._monitor = monitor
         self._onion = onion
         self._passes = passes
+        self._openapi = files("anonticket.web").joinpath(OPENAPI_INTERNAL).read_bytes()
+        self._openapi_public = files("anonticket.web").joinpath(OPENAPI_PUBLIC).read_bytes()
 
     @app.route("/api/v1/passes/verify", methods=["POST"])
     async def verify_pass(self, request: IRequest) -> bytes:
@@ -156,6 +164,16 @@ class InternalAPI:
         if self._passes is None:
             raise passes_disabled()
         return await self._passes.verify(request, read_json_object(request))
+
+    @app.route("/api/v1/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        set_route(request, "openapi")
+        return respond_body(request, self._openapi)
+
+    @app.route("/api/v1/openapi-public.json", methods=["GET"])
+    def openapi_public(self, request: IRequest) -> bytes:
+        set_route(request, "openapi")
+        return respond_body(request, self._openapi_public)
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> bytes:
