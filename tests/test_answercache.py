@@ -15,7 +15,14 @@ from anonticket.metrics import Metrics
 from anonticket.store import Store
 from anonticket.store.answercache import FRESH_FOR, AnswerCache
 from anonticket.store.changes import NumberedRows
-from anonticket.store.records import NotFound, PaymentStatus, Pending, Redeemed
+from anonticket.store.records import (
+    NotFound,
+    Overloaded,
+    PaymentStatus,
+    Pending,
+    Redeemed,
+    TokenRecord,
+)
 from anonticket.tap import build
 
 from .conftest import _url, daemon_config, get_json, post_json, reactor, transfer
@@ -114,14 +121,19 @@ def nodes(database_url, tmp_path):
 
 async def issue(store: Store, pid: PaymentId, txid: int, amount: int = 100):
     await store.record_transfers([transfer(pid.raw, txid, amount=amount)], now=1)
-    return (await store.redeem(pid, 2)).token
+    result = await store.redeem(pid, 2)
+    assert isinstance(result, Redeemed)
+    return result.token
 
 
-async def look_up(store: Store, token) -> object:
+async def look_up(store: Store, token) -> TokenRecord:
     """What the public site asks: the store's token answer (memory, else the database, which
-    then fills the memory)."""
+    then fills the memory).  Every token looked up here was issued: never unknown."""
     answer = store.token_answer(token)
-    return await answer if isinstance(answer, Deferred) else answer
+    record = await answer if isinstance(answer, Deferred) else answer
+    assert not isinstance(record, Overloaded)  # only refused with admit=True
+    assert record is not None
+    return record
 
 
 @pytest_twisted.ensureDeferred
@@ -267,7 +279,12 @@ def count_trips(store: Store) -> list[object]:
     """Record every operation that goes to the database thread."""
     trips: list[object] = []
     run = store._run
-    store._run = lambda fn, *args: (trips.append(fn), run(fn, *args))[1]  # type: ignore[method-assign]
+
+    def counted(fn, *args):
+        trips.append(fn)
+        return run(fn, *args)
+
+    store._run = counted  # type: ignore[method-assign]  # a test wraps the instance method
     return trips
 
 

@@ -36,6 +36,13 @@ def entry(**over):
     return base
 
 
+def recorded(entry: dict[str, object], height: int) -> Transfer:
+    """The entry classified at ``height``: a transfer to record, not a skip."""
+    t = classify(entry, height, N, MIN)
+    assert isinstance(t, Transfer), t
+    return t
+
+
 def test_confirmed_exactly_at_n_confirmations():
     t = classify(entry(height=100), 110, N, MIN)
     assert isinstance(t, Transfer) and t.status == PaymentStatus.UNCLAIMED
@@ -45,18 +52,18 @@ def test_confirmed_exactly_at_n_confirmations():
         1_500_000_000_000,
         100,
     )
-    assert classify(entry(height=101), 110, N, MIN).status == PaymentStatus.PENDING
+    assert recorded(entry(height=101), 110).status == PaymentStatus.PENDING
 
 
 def test_pool_entry_has_no_confirmations_key_and_is_pending_at_height_0():
     pool = entry(type="pool", height=0)
     del pool["confirmations"]
-    t = classify(pool, 110, N, MIN)
+    t = recorded(pool, 110)
     assert t.status == PaymentStatus.PENDING and t.height == 0
 
 
 def test_subaddress_index_is_part_of_the_identity():
-    t = classify(entry(subaddr_index={"major": 1, "minor": 7}), 200, N, MIN)
+    t = recorded(entry(subaddr_index={"major": 1, "minor": 7}), 200)
     assert (t.subaddr_major, t.subaddr_minor) == (1, 7)
 
 
@@ -86,14 +93,14 @@ def test_never_redeemable_entries_are_skipped_with_a_reason(over, reason):
 
 
 def test_dust_is_recorded_but_not_redeemable():
-    assert classify(entry(amount=MIN - 1), 200, N, MIN).status == PaymentStatus.DUST
-    assert classify(entry(amount=MIN), 200, N, MIN).status == PaymentStatus.UNCLAIMED
+    assert recorded(entry(amount=MIN - 1), 200).status == PaymentStatus.DUST
+    assert recorded(entry(amount=MIN), 200).status == PaymentStatus.UNCLAIMED
 
 
 def test_legacy_64_hex_payment_id_is_recorded_as_legacy():
-    t = classify(entry(payment_id="ab" * 32), 200, N, MIN)
+    t = recorded(entry(payment_id="ab" * 32), 200)
     assert t.status == PaymentStatus.LEGACY and t.pid == bytes.fromhex("ab" * 32)
-    pool = classify(entry(type="pool", height=0, payment_id="ab" * 32), 200, N, MIN)
+    pool = recorded(entry(type="pool", height=0, payment_id="ab" * 32), 200)
     assert pool.status == PaymentStatus.LEGACY
 
 

@@ -232,15 +232,18 @@ async def test_the_negative_cache_forgets_a_pid_paid_here_or_on_another_node(sto
     other = another(store)
     try:
         for node, pid in ((store, PID), (other, OTHER)):
+            assert node._known is not None
             node._known.add(node.tagger.pid_tag(pid.raw))  # a false positive
             assert isinstance(await node.redeem(pid, 1), NotFound)
             assert node.tagger.pid_tag(pid.raw) in node.unknown
         await store.record_transfers([transfer(PID.raw, 1)], now=2)  # paid here
-        assert (await store.redeem(PID, 3)).first_claim
+        here = await store.redeem(PID, 3)
+        assert isinstance(here, Redeemed) and here.first_claim
         await store.record_transfers([transfer(OTHER.raw, 2)], now=4)  # paid, seen by store
         assert isinstance(await other.redeem(OTHER, 5), NotFound)  # other has not synced yet
         await other.sync_known()
-        assert (await other.redeem(OTHER, 6)).first_claim
+        there = await other.redeem(OTHER, 6)
+        assert isinstance(there, Redeemed) and there.first_claim
     finally:
         other.close()
 
@@ -259,8 +262,10 @@ async def test_database_holds_no_pid_or_token_bytes(store, tmp_path, request):
         name = urlsplit(store._database).path.lstrip("/")
         with psycopg.connect(server.conninfo("postgres"), autocommit=True) as conn:
             conn.execute("CHECKPOINT")
-            oid = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (name,))
-            oid = oid.fetchone()[0]
+            row = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (name,))
+            found = row.fetchone()
+            assert found is not None
+            oid = found[0]
         # The database's own files (every table and index) and the write-ahead log.
         folders = [server.data / "base" / str(oid), server.data / "pg_wal"]
         files = [f for folder in folders for f in folder.rglob("*") if f.is_file()]
@@ -373,6 +378,7 @@ def test_pool_connections_get_every_pragma(tmp_path):
     store = Store(reactor, f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path)
     store.open()
     try:
+        assert store._pool is not None
         conn = store._pool.connect()  # the pool's own connection, as its thread would use it
         assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
@@ -435,10 +441,9 @@ def test_a_loose_data_dir_is_tightened(tmp_path):
 
 
 def test_an_old_sqlite_is_refused_at_start(tmp_path, monkeypatch):
-    import anonticket.store.dialect as dialect
-
-    monkeypatch.setattr(dialect.sqlite3, "sqlite_version_info", (3, 34, 1))
-    monkeypatch.setattr(dialect.sqlite3, "sqlite_version", "3.34.1")
+    # The dialect reads the version from the sqlite3 module at open: the same module object.
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 34, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.34.1")
     s = Store(reactor, f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path)
     with pytest.raises(DatabaseError, match=r"SQLite 3\.34\.1 is too old.*3\.35"):
         s.open()
@@ -561,12 +566,18 @@ async def test_a_reversed_claimed_payment_reported_late_is_restored_by_identity(
 async def test_unknown_pids_are_answered_without_the_database(store, monkeypatch):
     calls = []
     original = store._run
-    monkeypatch.setattr(store, "_run", lambda fn, *a: (calls.append(fn), original(fn, *a))[1])
+
+    def counted(fn, *a):
+        calls.append(fn)
+        return original(fn, *a)
+
+    monkeypatch.setattr(store, "_run", counted)
     assert isinstance(await store.redeem(PID, 1), NotFound)
     assert calls == []
     await store.record_transfers([transfer(PID.raw, 1)], now=1)
     calls.clear()
-    assert (await store.redeem(PID, 2)).first_claim  # recorded here: known at once
+    known = await store.redeem(PID, 2)
+    assert isinstance(known, Redeemed) and known.first_claim  # recorded here: known at once
     assert len(calls) == 1
 
 
@@ -577,11 +588,13 @@ async def test_another_node_learns_new_payments_at_its_next_sync(store):
         await store.record_transfers([transfer(PID.raw, 1, amount=9)], now=1)
         assert isinstance(await other.redeem(PID, 2), NotFound)  # not yet synced
         await other.sync_known()
-        assert (await other.redeem(PID, 3)).balance == 9
+        synced = await other.redeem(PID, 3)
+        assert isinstance(synced, Redeemed) and synced.balance == 9
         # Reopened, a node reads every payment into its filter at start.
         third = another(store)
         try:
-            assert (await third.redeem(PID, 4)).first_claim is False
+            reopened = await third.redeem(PID, 4)
+            assert isinstance(reopened, Redeemed) and reopened.first_claim is False
         finally:
             third.close()
     finally:
@@ -652,7 +665,8 @@ async def test_a_database_restored_without_its_key_refuses_to_start(database_url
     again = Store(reactor, database_url, tmp_path)
     again.open()
     try:
-        assert (await again.redeem(PID, 2)).first_claim
+        result = await again.redeem(PID, 2)
+        assert isinstance(result, Redeemed) and result.first_claim
     finally:
         again.close()
 

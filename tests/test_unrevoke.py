@@ -8,11 +8,12 @@ import json
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 
 from anonticket.domain import PaymentId, derive_service_token
 from anonticket.store import Store
 from anonticket.store.outbox import EventState, token_id_of
+from anonticket.store.records import Redeemed, TokenRecord
 
 from . import test_store
 from .conftest import get_json, post_json, reactor, transfer
@@ -25,7 +26,9 @@ store = test_store.store  # the fixture: every store test here runs on SQLite an
 
 async def issued(store: Store):
     await store.record_transfers([transfer(PID.raw, 1, amount=AMOUNT)], now=1)
-    return (await store.redeem(PID, 2)).token
+    result = await store.redeem(PID, 2)
+    assert isinstance(result, Redeemed)
+    return result.token
 
 
 @pytest_twisted.ensureDeferred
@@ -91,7 +94,8 @@ async def test_concurrent_unrevokes_on_two_nodes_undo_once(store):
         results = await gatherResults(calls)
         assert sum(newly for _, newly in results) == 1
         assert len(await store.past_revocations(token, 50, None)) == 1
-        assert (await node2.token_status(token)).version == 3
+        record = await node2.token_status(token)
+        assert record is not None and record.version == 3
     finally:
         node2.close()
 
@@ -104,16 +108,19 @@ async def test_another_node_stops_answering_revoked_from_memory(store):
         await store.revoke(token, "abuse", None, now=3)
         await node2.sync_tokens()
         first = node2.token_answer(token)
-        remembered = first if not hasattr(first, "addCallback") else await first
-        assert remembered.status == "revoked"
-        assert node2.token_answer(token).status == "revoked"  # from memory now
+        remembered = await first if isinstance(first, Deferred) else first
+        assert isinstance(remembered, TokenRecord) and remembered.status == "revoked"
+        again = node2.token_answer(token)
+        assert isinstance(again, TokenRecord) and again.status == "revoked"  # from memory now
         await store.unrevoke(token, "appeal", None, now=4)
         await node2.sync_tokens()
         answer = node2.token_answer(token)
-        assert hasattr(answer, "addCallback")  # evicted: asked again
-        assert (await answer).status == "active"
+        assert isinstance(answer, Deferred)  # evicted: asked again
+        asked = await answer
+        assert asked is not None and asked.status == "active"
         # The redeem answer of its PID follows too.
-        assert (await node2.redeem(PID, 5)).token_status == "active"
+        redeemed = await node2.redeem(PID, 5)
+        assert isinstance(redeemed, Redeemed) and redeemed.token_status == "active"
     finally:
         node2.close()
 
@@ -151,7 +158,9 @@ async def issue_token(daemon, http) -> str:
     await daemon.store.record_transfers([transfer(PID.raw, 1, amount=AMOUNT)], now=1)
     code, body, _ = await post_json(http, daemon.public_url + "/api/v1/redeem", {"pid": PID.hex})
     assert code == 200
-    return body["service_token"]
+    token = body["service_token"]
+    assert isinstance(token, str)
+    return token
 
 
 @pytest_twisted.ensureDeferred
