@@ -95,6 +95,8 @@ class ImpostorProtocol(LineOnlyReceiver):
                 "version": "0.4.9.11",
                 "signal/names": "RELOAD SHUTDOWN DUMP DEBUG HALT NEWNYM",
                 "events/names": "CIRC STREAM HS_DESC STATUS_CLIENT",
+                # As a bootstrapped tor says it (the service then waits for the upload).
+                "status/bootstrap-phase": 'NOTICE BOOTSTRAP PROGRESS=100 TAG=done SUMMARY="Done"',
             }
             if rest in ("config/names", "config/defaults"):
                 self.sendLine(f"250+{rest}=".encode())
