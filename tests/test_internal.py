@@ -25,10 +25,12 @@ async def issue_token(daemon, http) -> str:
 async def test_revoke_then_status_shows_revoked_everywhere(daemon, http):
     token = await issue_token(daemon, http)
     url = f"{daemon.internal_url}/api/v1/token/{token}/revoke"
-    code, body, _ = await post_json(http, url, {"reason": "chargeback", "abuse_score": 5})
+    code, body, headers = await post_json(http, url, {"reason": "chargeback", "abuse_score": 5})
     assert code == 200
     assert body["status"] == "revoked" and body["revoke_reason"] == "chargeback"
     assert body["abuse_score"] == 5 and body["balance"] == AMOUNT and body["revoked_at"]
+    # The version the revocation made, for an If-Match on the next spend.
+    assert headers.getRawHeaders("etag") == [f'"{body["version"]}"']
     code, again, _ = await post_json(http, url, {"reason": "other", "abuse_score": 1})
     assert code == 200 and again == body  # idempotent: the first revocation stands
     code, public, _ = await get_json(http, f"{daemon.public_url}/api/v1/token/{token}")

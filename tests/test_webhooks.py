@@ -66,6 +66,27 @@ def token_id(token_hex: str) -> str:
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_event_id_that_cannot_exist_is_404_on_either_database(
+    database_url, tmp_path, http
+):
+    """A NUL byte reached PostgreSQL as a 503 and a store error (an alert) for a client's typo."""
+    receiver = Receiver()
+    url = receiver.listen()
+    try:
+        async with webhook_daemon(tmp_path, url, database_url) as daemon:
+            failed_url = daemon.internal_url + "/api/v1/webhooks/failed"
+            for bad in ("a%00b", "msg_" + "0" * 31 + "%00", "msg_" + "A" * 32, "x" * 500):
+                code, body, _ = await post_json(http, f"{failed_url}/{bad}/retry", {})
+                assert (code, body["code"]) == (404, "event_not_found"), bad
+            code, body, _ = await post_json(http, f"{failed_url}/msg_{'0' * 32}/retry", {})
+            assert (code, body["code"]) == (404, "event_not_found")  # well formed, unknown
+            errors = daemon.metrics.store_errors.labels("retry_failed_events")._value.get()
+            assert errors == 0
+    finally:
+        await receiver.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_every_change_of_a_token_is_an_event_verified_by_the_standard_library(
     database_url, tmp_path, http
 ):

@@ -8,6 +8,7 @@ anonticket.web.mtls), so who can reach it is decided by where and how it listens
 
 from __future__ import annotations
 
+import re
 from importlib.resources import files
 from typing import Any, Final, Protocol
 
@@ -55,6 +56,9 @@ from anonticket.web.spending import (
 )
 
 MAX_REASON_LENGTH = 1000
+# The ids outbox.py makes; anything else cannot name an event and never reaches the database
+# (PostgreSQL refuses a NUL byte in text: a 503 and a store error for any client's typo).
+EVENT_ID = re.compile(r"msg_[0-9a-f]{32}")
 SMALLINT = (-32768, 32767)
 # The OpenAPI 3.1 documents of this site and of the public one (docs/api.md): package data,
 # read once when the site is built and answered from memory.
@@ -205,6 +209,7 @@ class InternalAPI:
             raise token_not_found()
         record, newly = result
         outcomes.count("revoked" if newly else "already_revoked")
+        etag(request, record.version)  # as every answer with the internal view
         return respond(request, internal_token_view(record))
 
     @app.route("/api/v1/token/<string:token>/unrevoke", methods=["POST"])
@@ -383,11 +388,13 @@ class InternalAPI:
     async def _retry(self, request: IRequest, event_id: str | None) -> bytes:
         set_route(request, "webhooks")
         self._webhooks_enabled()
+        if event_id is not None and not EVENT_ID.fullmatch(event_id):
+            raise ApiError(404, "event_not_found", "no failed event has this id")
         now = int(self._clock.seconds())
         retried = await store_answer(
             self._metrics, "retry_failed_events", self._store.retry_failed_events(event_id, now)
         )
-        if event_id is not None and retried == 0:
+        if event_id is not None and retried == 0:  # unknown, or not failed (any more)
             raise ApiError(404, "event_not_found", "no failed event has this id")
         if retried:
             self._store.event_written()  # deliver them now, not at the next look
