@@ -15,6 +15,7 @@ import math
 import os
 import secrets
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, NoReturn, TextIO
@@ -41,7 +42,14 @@ from anonticket import __version__
 from anonticket.address import NETWORK_BYTES, AddressError, make_integrated_address, parse_address
 from anonticket.domain import DomainError, PaymentId, ServiceToken
 from anonticket.httpbody import BodyTooLarge, BytesProducer, read_capped
-from anonticket.passes.client import PassError, PassStore, blind, finish, token_challenge
+from anonticket.passes.client import (
+    PassError,
+    PassStore,
+    blind,
+    choose_token_key,
+    finish,
+    token_challenge,
+)
 from anonticket.passes.wire import b64url, from_b64url
 
 EXIT_OK: Final = 0
@@ -415,11 +423,9 @@ async def _passes_buy(reactor: Any, args: argparse.Namespace, out: TextIO, err: 
     if code != 200:
         raise _refusal(code, directory)
     try:
-        public_key = from_b64url(directory["token-keys"][0]["token-key"])
-        if len(public_key) != 49:
-            raise ValueError(public_key)
-    except (KeyError, IndexError, TypeError, ValueError):
-        raise ClientError("the issuer directory names no token key") from None
+        public_key = choose_token_key(directory, time.time())
+    except PassError as e:
+        raise ClientError(str(e)) from None
     host = urlsplit(args.url).hostname or ""
     challenge = from_b64url(args.challenge) if args.challenge else token_challenge(host)
     store = PassStore(Path(os.path.expanduser(args.store)))

@@ -18,9 +18,10 @@ from typing import Any, Final
 
 from voprf import p384
 
-from anonticket.passes.wire import TOKEN_TYPE, TokenRequest, b64url, token_key_id
+from anonticket.passes.wire import TOKEN_TYPE, TokenRequest, b64url, from_b64url, token_key_id
 
 STORE_VERSION: Final = 1
+PUBLIC_KEY_SIZE: Final = 49  # a compressed P-384 point, the token key of type 1
 
 
 class PassError(Exception):
@@ -44,6 +45,29 @@ def token_challenge(
         + len(origins).to_bytes(2, "big")
         + origins
     )
+
+
+def choose_token_key(directory: object, now: float) -> bytes:
+    """The key to ask with, from an issuer directory (RFC 9578 section 4): among the
+    ``token-keys`` of our token type whose ``not-before`` has passed, the most recent one.
+    A key of another type, or one announced for later, is never used."""
+    entries = directory.get("token-keys") if isinstance(directory, dict) else None
+    usable: list[tuple[float, bytes]] = []
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict) or entry.get("token-type") != TOKEN_TYPE:
+            continue
+        not_before = entry.get("not-before", 0)
+        if isinstance(not_before, bool) or not isinstance(not_before, int | float):
+            continue
+        try:
+            key = from_b64url(str(entry.get("token-key", "")))
+        except ValueError:
+            continue
+        if not_before <= now and len(key) == PUBLIC_KEY_SIZE:
+            usable.append((not_before, key))
+    if not usable:
+        raise PassError("the issuer directory names no token key of type 1 in use now")
+    return max(usable, key=lambda found: found[0])[1]
 
 
 @dataclass
