@@ -17,8 +17,11 @@ import pytest_twisted
 import treq
 from treq.client import HTTPClient
 from twisted.internet import reactor as _reactor
-from twisted.logger import eventAsJSON, formatEvent, globalLogPublisher
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import ILogObserver, eventAsJSON, formatEvent, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
+from zope.interface import provider
 
 from anonticket.config import from_options
 from anonticket.metrics import Metrics
@@ -86,10 +89,16 @@ class Daemon:
     data_dir: Path
 
 
+def tcp_port(listening: IListeningPort | None) -> int:
+    """The port number a listening TCP port is bound to."""
+    assert listening is not None
+    host = listening.getHost()
+    assert isinstance(host, IPv4Address | IPv6Address), host
+    return host.port
+
+
 def _url(service: SiteService) -> str:
-    assert service.port is not None
-    host = service.port.getHost()
-    return f"http://127.0.0.1:{host.port}"
+    return f"http://127.0.0.1:{tcp_port(service.port)}"
 
 
 def daemon_config(tmp_path: Path, **extra: str) -> Any:
@@ -142,6 +151,7 @@ def caplog_events() -> Iterator[list[str]]:
     it (all keys).  The test's own HTTP client (treq) logs its connections; those are left out."""
     captured: list[str] = []
 
+    @provider(ILogObserver)
     def observe(event: dict[str, Any]) -> None:
         if str(event.get("log_namespace", "")).startswith("twisted.web.client"):
             return
@@ -164,9 +174,10 @@ async def post_json(
     client: HTTPClient, url: str, body: object, headers: dict[str, str] | None = None
 ) -> tuple[int, Any, Any]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = await client.post(
-        url, data=data, headers={"Content-Type": "application/json", **(headers or {})}, timeout=10
-    )
+    # treq's annotation asks for this dict type (invariant), not any mapping of str to str.
+    sent: dict[bytes | str, bytes | str] = {"Content-Type": "application/json"}
+    sent.update((headers or {}).items())  # the caller's headers win, Content-Type included
+    response = await client.post(url, data=data, headers=sent, timeout=10)
     return response.code, await response.json(), response.headers
 
 
@@ -202,7 +213,11 @@ _SLOW_MODULES = frozenset(
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        module = (
+            item.module.__name__.rsplit(".", 1)[-1]
+            if isinstance(item, pytest.Function) and item.module
+            else ""
+        )
         callspec = getattr(item, "callspec", None)
         on_postgresql = callspec is not None and callspec.params.get("database_url") == (
             "postgresql"

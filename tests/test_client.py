@@ -171,7 +171,9 @@ async def test_redeem_then_again_then_status(daemon):
     await daemon.store.record_transfers([transfer(PID, 1, amount=1_234_567_890_123)], now=1)
     code, out, err = await cli("redeem", PID.upper(), "--url", daemon.public_url + "/")
     assert (code, err) == (0, "")
-    token = re.search(r"^service token: +([0-9a-f]{64})$", out, re.M).group(1)
+    found = re.search(r"^service token: +([0-9a-f]{64})$", out, re.M)
+    assert found, out
+    token = found.group(1)
     assert re.search(r"^status: +success$", out, re.M)
     assert re.search(r"^balance: +1234567890123 atomic units \(1\.234567890123 XMR\)$", out, re.M)
 
@@ -220,7 +222,8 @@ async def test_unknown_pid_and_unknown_token_exit_4(daemon):
 
 def redeem_requests(daemon) -> float:
     (family,) = daemon.metrics.redeems.collect()
-    return sum(s.value for s in family.samples if s.name.endswith("_total"))
+    total: float = sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return total
 
 
 @pytest.mark.parametrize("pid", ["0" * 16, "xyz", PID + "0", "ab" * 32, "0123456789abcdeg"])
@@ -414,15 +417,17 @@ async def test_odd_answers_are_reported_not_trusted(serve, code, body, exit_code
 # --------------------------------------------------------------------------- console script
 
 
-def script(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+def script(*argv: str) -> subprocess.CompletedProcess[str]:
     # Through ``python -m``: the module's own entry point, not only the installed script.
-    return run_client(*argv, command=[sys.executable, "-m", "anonticket.client"], **env)
+    return run_client(*argv, command=[sys.executable, "-m", "anonticket.client"])
 
 
 def test_console_script_new():
     done = script("new", "--address", PRIMARY)
     assert done.returncode == 0, done.stderr
-    pid, integrated = NEW_OUTPUT.fullmatch(done.stdout).groups()
+    shown = NEW_OUTPUT.fullmatch(done.stdout)
+    assert shown, done.stdout
+    pid, integrated = shown.groups()
     assert split_integrated_address(integrated) == (PRIMARY, bytes.fromhex(pid))
     assert done.stderr == PID_IS_SECRET + "\n"
 
@@ -453,6 +458,7 @@ class FakeSocks(Protocol):
         if self.http is not None:
             self.http.dataReceived(data)
             return
+        assert self.transport is not None
         self.buffer += data
         if not self.greeted:
             if len(self.buffer) < 2 or len(self.buffer) < 2 + self.buffer[1]:

@@ -21,7 +21,7 @@ import pytest_twisted
 from anonticket.domain import PaymentId
 from anonticket.store import Store
 
-from .conftest import reactor, transfer
+from .conftest import reactor, tcp_port, transfer
 from .daemonproc import Daemon
 from .webhookreceiver import Receiver, verify_hmac
 
@@ -86,8 +86,8 @@ def _rows(database_url: str, sql: str) -> list[tuple[Any, ...]]:
             return [tuple(r) for r in conn.execute(sql).fetchall()]
         finally:
             conn.close()
-    with psycopg.connect(database_url) as conn:
-        return [tuple(r) for r in conn.execute(sql).fetchall()]
+    with psycopg.connect(database_url) as pg:
+        return [tuple(r) for r in pg.execute(sql).fetchall()]
 
 
 @pytest_twisted.ensureDeferred
@@ -220,12 +220,12 @@ async def test_sigkill_mid_spend_storm_loses_no_acknowledged_spend_and_replays_i
         after = {}
         for pid, amount, key in sorted(set(jobs)):
             url = f"{daemon.internal_url}/api/v1/token/{tokens[pid]}/spend"
-            answer = _spend(url, amount, key)
-            assert answer is not None
-            after[key] = answer
+            spent = _spend(url, amount, key)
+            assert spent is not None
+            after[key] = spent
             if key in first:
                 # Acknowledged before the crash: the same answer, replayed.
-                assert (answer[0], answer[1]) == first[key] and answer[2], key
+                assert (spent[0], spent[1]) == first[key] and spent[2], key
         for pid in tokens:
             made = [a[1]["amount"] for k, a in after.items() if k.startswith(pid) and a[0] == 200]
             assert len(made) == 6
@@ -255,7 +255,7 @@ async def test_sigkill_between_the_change_and_the_delivery_the_event_arrives_aft
     await _seed(database_url, data, pids)
     receiver = Receiver()
     url = receiver.listen()
-    port = receiver.port.getHost().port
+    port = tcp_port(receiver.port)
     await receiver.stop()  # down: connections refused
     daemon = Daemon(
         data,

@@ -30,7 +30,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol
+from twisted.internet.interfaces import ILoggingContext, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.python.failure import Failure
@@ -45,7 +47,7 @@ from anonticket.web.http import PrivacySite
 from anonticket.web.service import SiteService, StartupError
 
 from .children import dies_with_parent
-from .conftest import daemon_config, get_json, post_json, reactor, transfer
+from .conftest import daemon_config, get_json, post_json, reactor, tcp_port, transfer
 from .daemonproc import TWISTD
 from .monero_regtest import free_port
 from .rawhttp import parse_response, raw_request
@@ -73,8 +75,7 @@ class Sites:
 
     def port(self, which: str) -> int:
         service = self.public if which == "public" else self.internal
-        assert service.port is not None
-        return int(service.port.getHost().port)
+        return tcp_port(service.port)
 
     def url(self, which: str) -> str:
         return f"http://127.0.0.1:{self.port(which)}"
@@ -209,7 +210,7 @@ class Trickler(Protocol):
 
     def close(self) -> None:
         if self.transport is not None and self.closed_at is None:
-            self.transport.abortConnection()
+            ITCPTransport(self.transport).abortConnection()
 
 
 async def trickle(port: int, every: float) -> Trickler:
@@ -289,7 +290,8 @@ async def test_at_the_cap_the_longest_waiting_connection_makes_room(
     assert seen[0] <= 8
     # Legacy log lines written while a connection's data is handled name the site, not the
     # client (Twisted's default prefix ends with the client's address).
-    assert {c.transport.logPrefix() for c in sites.public_site.channels} <= {"public-site"}
+    prefixes = {ILoggingContext(c.transport).logPrefix() for c in sites.public_site.channels}
+    assert prefixes <= {"public-site"}
     assert sites.public_site.evicted >= len(tricklers) - 8
     dropped = [t for t in tricklers if t.closed_at is not None]
     assert len(dropped) >= len(tricklers) - 8
@@ -408,7 +410,10 @@ async def test_out_of_descriptors_logs_no_client_address(
     clients = [_Reply(b"") for _ in range(3)]
     for c in clients:
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", sites.port("public")), c)
-    client_ports = [c.port for c in clients]
+    client_ports: list[int] = []
+    for c in clients:
+        assert c.port is not None  # TCP: the port the server's log line would name
+        client_ports.append(c.port)
     port.socket = EMFILEOnce()  # type: ignore[attr-defined]
     port.numberAccepts = 100  # type: ignore[attr-defined]
     port.startReading()  # type: ignore[attr-defined]
@@ -559,7 +564,7 @@ async def test_a_flood_of_failing_requests_writes_a_bounded_log(
         code, body = json_answer(await raw_request(reactor, port, redeem))
         assert (code, body["code"]) == (503, "unavailable")
     guard = sites.public_site.resource
-    inner, guard.inner = guard.inner, Exploding()  # type: ignore[attr-defined]
+    inner, guard.inner = guard.inner, Exploding()
     try:
         for method in ("GET", "HEAD") * 30:
             raw = await raw_request(reactor, port, http_request(method, "/x"))
@@ -567,7 +572,7 @@ async def test_a_flood_of_failing_requests_writes_a_bounded_log(
             if method == "GET":
                 assert json_answer(raw)[1]["code"] == "internal_error"
     finally:
-        guard.inner = inner  # type: ignore[attr-defined]
+        guard.inner = inner
     lines = server_lines(caplog_events)
     text = "\n".join(lines)
     assert "Traceback" not in text and '"critical"' not in text
@@ -589,6 +594,7 @@ async def test_internal_site_refuses_foreign_host_values(start_sites: StartSites
         raw = await raw_tcp_request("127.0.0.2", port, http_request(path=path, host=host))
         return json_answer(raw)
 
+    host: bytes | None
     for host in [
         b"127.0.0.2",
         b"127.0.0.2:%d" % port,
@@ -735,7 +741,9 @@ async def test_a_repeated_interface_argument_cannot_expose_the_internal_site() -
 
     ok = SiteService(reactor, "internal", "tcp:port=0:interface=127.0.0.1", _site())
     ok.startService()
-    assert ok.port is not None and ok.port.getHost().host == "127.0.0.1"
+    assert ok.port is not None
+    bound_to = ok.port.getHost()
+    assert isinstance(bound_to, IPv4Address) and bound_to.host == "127.0.0.1"
     await ok.stopService()
 
 

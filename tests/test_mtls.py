@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.internet.task import deferLater
@@ -37,7 +38,7 @@ from anonticket.web.http import PrivacySite
 from anonticket.web.mtls import TLSServerEndpoint, parse_ssl
 from anonticket.web.service import SiteService, StartupError
 
-from .conftest import daemon_config, reactor
+from .conftest import daemon_config, reactor, tcp_port
 from .rawhttp import parse_response
 from .test_hardening import http_request, json_answer
 
@@ -156,8 +157,7 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
 
 def internal_port(root: AnonticketService) -> int:
     service: SiteService = root.getServiceNamed("internal-site")
-    assert service.port is not None
-    return int(service.port.getHost().port)
+    return tcp_port(service.port)
 
 
 class _Answer(Protocol):
@@ -185,7 +185,7 @@ async def tls_request(
     port: int, options: Any, data: bytes, timeout: float = 10
 ) -> tuple[bytes, Failure]:
     """``data`` sent over TLS to 127.0.0.1; the bytes received and how the connection ended."""
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    endpoint: IStreamClientEndpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     if options is not None:
         endpoint = wrapClientTLS(options, endpoint)
     proto = _Answer(data)
@@ -281,6 +281,7 @@ async def test_over_mutual_tls_any_host_is_served_but_other_sites_pages_are_not(
         raw, _ = await tls_request(port, pki.client("client"), request)
         return json_answer(raw)
 
+    host: bytes | None
     for host in [own, SERVER_NAME.encode(), b"10.1.2.3:9443", b"[2001:db8::1]", b"localhost"]:
         code, body = await ask(host)
         assert code == 200, (host, body)
@@ -474,9 +475,11 @@ async def test_a_connection_the_site_refuses_is_closed_without_a_traceback(
     assert tls is not None
     port = await TLSServerEndpoint(reactor, tls).listen(_Refusing())
     try:
-        raw, _ = await tls_request(port.getHost().port, pki.client("client"), b"x")
+        raw, _ = await tls_request(tcp_port(port), pki.client("client"), b"x")
         assert raw == b""
     finally:
-        await port.stopListening()
+        stopped = port.stopListening()
+        assert stopped is not None  # a TCP port's: fires once the socket is closed
+        await stopped
     await deferLater(reactor, 0, lambda: None)
     assert not [e for e in caplog_events if "Traceback" in e or "Unhandled" in e], caplog_events

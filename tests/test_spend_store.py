@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest_twisted
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
 
 from anonticket.domain import PaymentId
@@ -16,6 +16,8 @@ from anonticket.store.records import (
     KeyInUse,
     KeyReused,
     LedgerKind,
+    Overloaded,
+    Redeemed,
     SpendAnswer,
     SpendOutcome,
     SpendRequest,
@@ -31,7 +33,9 @@ store = test_store.store  # the fixture: every test here runs on SQLite and on P
 
 async def funded(store: Store, amount: int):
     await store.record_transfers([transfer(PID.raw, 1, amount=amount)], now=1)
-    return (await store.redeem(PID, 2)).token
+    result = await store.redeem(PID, 2)
+    assert isinstance(result, Redeemed)
+    return result.token
 
 
 @pytest_twisted.ensureDeferred
@@ -44,7 +48,8 @@ async def test_two_nodes_racing_with_the_same_keys_apply_each_key_once(store):
         # Warm both nodes' token answers: the spends must evict them (here at once, there
         # within a sync).
         for node in (store, node2):
-            assert (await node.token_status(token)).balance == 10_000
+            warm = await node.token_status(token)
+            assert warm is not None and warm.balance == 10_000
         rng = random.Random(7)
         amounts = [rng.randint(1, 700) for _ in range(40)]
         calls = []
@@ -70,6 +75,7 @@ async def test_two_nodes_racing_with_the_same_keys_apply_each_key_once(store):
             if answers[0].outcome == SpendOutcome.SPENT:
                 made[i] = amount
         record = await store.token_status(token)
+        assert record is not None
         assert record.balance == 10_000 - sum(made.values()) >= 0
         assert record.spent == sum(made.values())
         # Asked again later (no race), every key replays, on either node.
@@ -84,10 +90,12 @@ async def test_two_nodes_racing_with_the_same_keys_apply_each_key_once(store):
         assert len({e.spend_id for e in spends}) == len(spends)
         # The other node's token answer caught up with the balance after its next sync.
         await node2.sync_tokens()
-        assert (await node2.token_status(token)).balance == record.balance
+        synced = await node2.token_status(token)
+        assert synced is not None and synced.balance == record.balance
         answer = node2.token_answer(token)
-        answer = answer if not hasattr(answer, "addCallback") else await answer
-        assert answer.balance == record.balance
+        remembered = await answer if isinstance(answer, Deferred) else answer
+        assert not isinstance(remembered, Overloaded)  # only refused with admit=True
+        assert remembered is not None and remembered.balance == record.balance
     finally:
         node2.close()
 
@@ -161,6 +169,8 @@ async def test_the_purge_service_runs_on_its_clock_and_survives_a_failure(store)
     await store.monitor_state()
     store.purge_idempotency = closed
     clock.advance(PURGE_INTERVAL)
-    await service.stopService()  # waits for the purge in flight
+    stopping = service.stopService()
+    assert stopping is not None  # the loop runs: its Deferred waits for the purge in flight
+    await stopping
     again = await store.spend(SpendRequest(token, 10, None, b"a"), 2_000)
     assert not again.replayed  # the key was forgotten: a new spend

@@ -17,11 +17,11 @@ from anonticket.config import from_options
 from anonticket.domain import PaymentId
 from anonticket.metrics import Metrics
 from anonticket.store import Store
-from anonticket.store.records import PaymentStatus
+from anonticket.store.records import PaymentStatus, Redeemed
 from anonticket.webhook.delivery import WebhookService
 from anonticket.webhook.signing import load_signer
 
-from .conftest import get_json, post_json, reactor, running_daemon, transfer
+from .conftest import get_json, post_json, reactor, running_daemon, tcp_port, transfer
 from .webhookreceiver import Receiver, verify_ed25519, verify_hmac
 
 PID = "0123456789abcdef"
@@ -49,7 +49,7 @@ async def webhook_daemon(tmp_path, url: str, database: str | None = None, **extr
 
 async def redeem(daemon, http, pid: str = PID) -> dict[str, Any]:
     code, body, _ = await post_json(http, daemon.public_url + "/api/v1/redeem", {"pid": pid})
-    assert code == 200, body
+    assert code == 200 and isinstance(body, dict), body
     return body
 
 
@@ -203,7 +203,7 @@ async def test_events_of_one_token_wait_for_the_earlier_ones_and_failed_ones_can
     token's later events wait behind it; retried from the internal site, all arrive, in order."""
     receiver = Receiver()
     url = receiver.listen()
-    port = receiver.port.getHost().port
+    port = tcp_port(receiver.port)
     await receiver.stop()  # down: connections are refused
     async with webhook_daemon(tmp_path, url) as daemon:
         await daemon.store.record_transfers([transfer(PID, TXID, amount=AMOUNT)], now=1)
@@ -299,6 +299,7 @@ async def test_two_nodes_deliver_every_event_of_both(pg_server, tmp_path):
 
 async def _redeem(store: Store, pid: PaymentId):
     result = await store.redeem(pid, 2)
+    assert isinstance(result, Redeemed)
     return result.token
 
 

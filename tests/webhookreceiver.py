@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.web import resource, server
 
-from .conftest import reactor
+from .conftest import reactor, tcp_port
 
 
 @dataclass
@@ -83,12 +83,14 @@ class Receiver(resource.Resource):
 
     def listen(self, port: int = 0) -> str:
         self.port = reactor.listenTCP(port, server.Site(self), interface="127.0.0.1")
-        return f"http://127.0.0.1:{self.port.getHost().port}/hook"
+        return f"http://127.0.0.1:{tcp_port(self.port)}/hook"
 
     async def stop(self) -> None:
         if self.port is not None:
             port, self.port = self.port, None
-            await port.stopListening()
+            stopped = port.stopListening()
+            assert stopped is not None  # a TCP port's: fires once the socket is closed
+            await stopped
 
 
 def verify_hmac(data_dir: Path, delivery: Delivery) -> dict[str, Any]:
