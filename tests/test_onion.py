@@ -43,6 +43,7 @@ from anonticket.onion import (
     parse_service_id,
     print_address_main,
 )
+from anonticket.onion.process import TorOutput
 from anonticket.torcontrol import DEFAULT_COOKIE_FILES, CookiePolicy
 from anonticket.torstatus import Bootstrap, parse_bootstrap
 from anonticket.web.http import PrivacySite
@@ -193,7 +194,7 @@ def test_defenses_are_range_checked() -> None:
 
 
 def test_tor_output_forwards_warnings_only(logs: Callable[[str], list[str]]) -> None:
-    out = onion._TorOutput()
+    out = TorOutput()
     out.write("Nov 28 09:25:40.922 [notice] Bootstrapped 5% (conn): Con")
     out.write("necting\nNov 28 09:25:41.000 [warn] Something odd\n")
     out.write(b"Nov 28 09:25:42.000 [err] Reading config failed\n[warn] half")
@@ -201,6 +202,7 @@ def test_tor_output_forwards_warnings_only(logs: Callable[[str], list[str]]) -> 
         "tor: Something odd",
         "tor: Reading config failed",
     ]
+    assert all('"log_namespace": "anonticket.onion"' in line for line in logs("tor: "))
 
 
 def test_parse_service_id() -> None:
@@ -432,6 +434,10 @@ async def test_publish_then_published_then_stop_removes_it(
     assert tor.sent[1:] == [f"DEL_ONION {harness.service_id}", "QUIT"]
     assert not tor.connected
     assert harness.state() == "disabled"
+    # One log namespace for the whole onion service, whichever module logs.
+    lines = logs("onion service")
+    assert len(lines) >= 4 and logs("onion service removed from tor")
+    assert all('"log_namespace": "anonticket.onion"' in line for line in lines)
     with pytest.raises(ConnectionRefusedError):
         await http.get(f"http://127.0.0.1:{port}/", timeout=5)
 
