@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from anonticket.passes.client import blind, finish
@@ -29,7 +30,7 @@ TWISTD = str(Path(sys.executable).parent / "twistd")
 PRICE = 1
 
 
-def rate(fn, seconds: float) -> float:
+def rate(fn: Callable[[], object], seconds: float) -> float:
     """Calls of ``fn`` per second, over about ``seconds``."""
     done, started = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - started) < seconds:
@@ -82,11 +83,12 @@ def seed(data: str) -> None:
     """In a child process (task.react exits): one confirmed payment of 1 XMR to PID."""
     from twisted.internet import task
     from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IReactorThreads
 
     from anonticket.store import Store
     from anonticket.store.records import PaymentStatus, Transfer
 
-    async def record(reactor: object) -> None:
+    async def record(reactor: IReactorThreads) -> None:
         store = Store(reactor, f"sqlite:///{Path(data) / 'anonticket.sqlite3'}", Path(data))
         store.open()
         try:
@@ -160,8 +162,8 @@ def against_daemon(purchases: int) -> None:
             single.append(took)
             passes.append(finish(made, answer, public_key))
         for i in range(max(1, purchases // 4)):
-            made = blind(public_key, b"challenge", 100)
-            body = json.dumps({"requests": [b64url(m.request) for m in made]}).encode()
+            many = blind(public_key, b"challenge", 100)
+            body = json.dumps({"requests": [b64url(m.request) for m in many]}).encode()
             status, answer, took = post(
                 base + "/api/v1/passes",
                 body,

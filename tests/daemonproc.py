@@ -97,7 +97,9 @@ class Daemon:
             return e.code, e.read()
 
     def health(self) -> dict[str, Any]:
-        return json.loads(self.get("/healthz")[1])
+        answer = json.loads(self.get("/healthz")[1])
+        assert isinstance(answer, dict), answer
+        return answer
 
     def metric(self, line_prefix: str) -> float:
         text = self.get("/metrics")[1].decode()

@@ -21,6 +21,7 @@ import pytest_twisted
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -75,7 +76,7 @@ def declare_huge(request: Request, body: dict[str, Any]) -> Any:
 
 def drop(request: Request, body: dict[str, Any]) -> Any:
     # What a client sees when its pooled connection was closed just as it sent the request.
-    request.channel.transport.abortConnection()
+    ITCPTransport(request.channel.transport).abortConnection()
     return NOT_DONE_YET
 
 
@@ -216,6 +217,7 @@ class FakeWallet(Resource):
     def render_POST(self, request: Request) -> Any:
         if self.auth is not None and not self.auth.check(request):
             return b"<html><body><h1>401 Unauthorized</h1></body></html>"
+        assert request.content is not None
         body = json.loads(request.content.read())
         self.received.append(body)
         self.content_types.append(request.getHeader("content-type"))

@@ -112,4 +112,5 @@ class Harness:
         return waited
 
     def polls(self, outcome: str) -> float:
-        return self.metrics.monitor_polls.labels(outcome)._value.get()
+        count: float = self.metrics.monitor_polls.labels(outcome)._value.get()
+        return count

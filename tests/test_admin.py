@@ -35,7 +35,15 @@ from anonticket.onion import load_or_create_onion_key, onion_address
 from anonticket.store import Store
 from anonticket.tap import build
 
-from .conftest import daemon_config, get_json, post_json, reactor, running_daemon, transfer
+from .conftest import (
+    daemon_config,
+    get_json,
+    post_json,
+    reactor,
+    running_daemon,
+    tcp_port,
+    transfer,
+)
 from .test_mtls import SERVER_NAME, pki  # noqa: F401 - the module's PKI fixture
 from .webhookreceiver import Receiver
 
@@ -224,7 +232,7 @@ async def test_the_environment_names_the_site_and_errors_are_one_line(tmp_path, 
 async def test_failed_webhook_events_are_listed_and_retried(transport, tmp_path, http):
     receiver = Receiver()
     url = receiver.listen()
-    port = receiver.port.getHost().port
+    port = tcp_port(receiver.port)
     await receiver.stop()  # down: every attempt is refused
     try:
         extra = {"webhook-url": url, "webhook-retry-schedule": "1"}

@@ -10,8 +10,8 @@ from twisted.internet.defer import gatherResults
 
 from anonticket.domain import PaymentId
 from anonticket.store import DatabaseError
-from anonticket.store.queries import writes
 from anonticket.store.records import NotFound, Redeemed
+from anonticket.store.units import writes
 
 from .conftest import transfer
 
@@ -36,9 +36,12 @@ async def test_one_trip_for_a_turn_and_each_operation_in_its_own_transaction(sto
     trips = []
     pool = store._pool
     original = pool.runWithConnection
-    monkeypatch.setattr(
-        pool, "runWithConnection", lambda fn, *a: (trips.append(len(a[1])), original(fn, *a))[1]
-    )
+
+    def counted(fn, *a):
+        trips.append(len(a[1]))
+        return original(fn, *a)
+
+    monkeypatch.setattr(pool, "runWithConnection", counted)
     redeems = [store.redeem(PID, 2) for _ in range(10)]
     boom = store._run(failing)
     after = store._run(count_state)

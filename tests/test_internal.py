@@ -18,7 +18,9 @@ async def issue_token(daemon, http) -> str:
     await daemon.store.record_transfers([transfer(PID, 1, amount=AMOUNT)], now=1)
     code, body, _ = await post_json(http, daemon.public_url + "/api/v1/redeem", {"pid": PID})
     assert code == 200
-    return body["service_token"]
+    token = body["service_token"]
+    assert isinstance(token, str)
+    return token
 
 
 @pytest_twisted.ensureDeferred

@@ -505,9 +505,9 @@ def test_double_spend_reorg_drops_the_payment(two: Net) -> None:
     assert rt.tx_height(pair.payment.txid, node=A) is None
     assert rt.tx_height(pair.conflict.txid, node=A) == base
     # The loser is back in A's pool (and reaches B's), not flagged, and never mined.
-    entry = rt.pool_entry(pair.payment.txid, node=A)
-    assert entry is not None
-    assert entry["kept_by_block"] is True and entry["double_spend_seen"] is False
+    pooled = rt.pool_entry(pair.payment.txid, node=A)
+    assert pooled is not None
+    assert pooled["kept_by_block"] is True and pooled["double_spend_seen"] is False
     refresh(merchant, watch)
     # The merchant had seen it in the pool: it lists it nowhere now.  Its view-only twin first
     # met it mined: it lists it as a pool entry again.

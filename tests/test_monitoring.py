@@ -323,7 +323,8 @@ def test_every_alert_says_what_to_do_and_where():
 def test_every_alert_has_unit_tests_that_fire_it_and_keep_it_quiet():
     tests = yaml.safe_load(ALERT_TESTS.read_text("utf-8"))
     assert tests["rule_files"] == ["alerts.yml"]
-    fired, quiet = set(), set()
+    fired: set[str] = set()
+    quiet: set[str] = set()
     for case in tests["tests"]:
         for check in case.get("alert_rule_test", []):
             (fired if check.get("exp_alerts") else quiet).add(check["alertname"])

@@ -9,6 +9,7 @@ import os
 import sqlite3
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -80,7 +81,7 @@ async def funded_token(daemon, http, amount: int = AMOUNT) -> str:
     return str(body["service_token"])
 
 
-async def directory(daemon, http) -> tuple[bytes, dict]:
+async def directory(daemon, http) -> tuple[bytes, dict[str, Any]]:
     response = await http.get(
         daemon.public_url + "/.well-known/private-token-issuer-directory", timeout=10
     )
@@ -122,7 +123,7 @@ def finalize(client, token_input: bytes, response: bytes, public_key: bytes) -> 
     """A pass from a TokenResponse (evaluate_msg | evaluate_proof; the package wants the proof
     first), verifying the issuer's proof."""
     output = p384.VerifiableOutput.deserialize(response[49:] + response[:49])
-    authenticator = client.finalize(output, p384.PublicKey.deserialize(public_key))
+    authenticator: bytes = client.finalize(output, p384.PublicKey.deserialize(public_key))
     return token_input + authenticator
 
 
@@ -215,7 +216,7 @@ async def test_issuance_refuses_what_it_cannot_serve_and_charges_nothing(tmp_pat
         public_key, _ = await directory(daemon, http)
         token = await funded_token(daemon, http, amount=PRICE + 50)
         _, _, good = blind(public_key)
-        cases = [
+        cases: list[tuple[dict[str, str | None], bytes, int, str]] = [
             ({"Authorization": None}, good, 401, "token_required"),
             ({"Content-Type": "application/json"}, good, 415, "unsupported_media_type"),
             ({"Idempotency-Key": None}, good, 400, "idempotency_key_required"),
@@ -343,7 +344,13 @@ async def test_a_batch_of_passes_is_one_purchase(database_url, tmp_path, http):
         verify = daemon.internal_url + "/api/v1/passes/verify"
         for the_pass in passes[:3]:
             assert (await post_json(http, verify, {"token": b64url(the_pass)}))[0] == 200
-        for bad in ({"requests": []}, {"requests": ["AA"]}, {"requests": "x"}, {}):
+        bad_bodies: list[dict[str, object]] = [
+            {"requests": []},
+            {"requests": ["AA"]},
+            {"requests": "x"},
+            {},
+        ]
+        for bad in bad_bodies:
             code, answer, _ = await post_json(http, url, bad, {**headers, "Idempotency-Key": "b"})
             assert code == 400, bad
         too_many = {"requests": body["requests"] + body["requests"][:1]}

@@ -191,6 +191,7 @@ class Tampering(Resource):
         return NOT_DONE_YET
 
     async def answer(self, request) -> None:
+        content: bytes | bytearray
         if request.method == b"GET":
             response = await self.http.get(self.upstream + DIRECTORY_PATH)
             body = json.loads(await response.content())

@@ -102,7 +102,12 @@ async def test_a_filter_false_positive_is_answered_by_the_negative_cache(daemon,
     store = daemon.store
     trips: list[object] = []
     run = store._run
-    store._run = lambda fn, *args: (trips.append(fn), run(fn, *args))[1]
+
+    def counted(fn, *args):
+        trips.append(fn)
+        return run(fn, *args)
+
+    store._run = counted
     for _ in range(3):
         code, _, _ = await redeem(http, daemon, {"pid": PID})
         assert code == 404

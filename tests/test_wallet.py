@@ -9,6 +9,7 @@ per TCP connection, `nc` must equal the server's own counter, otherwise 401 with
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import secrets
 import sys
@@ -791,4 +792,5 @@ async def test_run_sliced_can_be_cancelled_between_slices() -> None:
     decoding.cancel()
     with pytest.raises(CancelledError):
         await decoding
-    assert steps.gi_frame is None  # closed: the window and the entries so far are let go
+    # closed: the window and the entries so far are let go
+    assert inspect.getgeneratorstate(steps) == inspect.GEN_CLOSED
