@@ -31,11 +31,12 @@ from anonticket.passes.issuer import load_keys
 from anonticket.store import DatabaseError, Store, StoreService
 from anonticket.store.housekeeping import PurgeService
 from anonticket.wallet import WalletClient
-from anonticket.web.http import MAX_BODY, PASS_BATCH_BODY, PrivacySite
 from anonticket.web.internal import InternalAPI
+from anonticket.web.jsonio import MAX_BODY, PASS_BATCH_BODY
 from anonticket.web.passes import Passes
 from anonticket.web.public import PublicAPI
 from anonticket.web.service import SiteService, StartupError
+from anonticket.web.site import PrivacySite
 from anonticket.webhook.delivery import WebhookService, load_node_id
 from anonticket.webhook.signing import Signer, load_signer
 

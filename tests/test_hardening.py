@@ -43,8 +43,8 @@ from anonticket.metrics import Metrics
 from anonticket.store import Store
 from anonticket.store.records import NotFound
 from anonticket.tap import AnonticketService, build
-from anonticket.web.http import PrivacySite
 from anonticket.web.service import SiteService, StartupError
+from anonticket.web.site import PrivacySite
 
 from .children import dies_with_parent
 from .conftest import daemon_config, get_json, post_json, reactor, tcp_port, transfer

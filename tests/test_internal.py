@@ -206,8 +206,8 @@ async def test_healthz_follows_the_monitors_last_successful_poll(store, http):
     from twisted.internet.task import Clock
 
     from anonticket.metrics import Metrics
-    from anonticket.web.http import PrivacySite
     from anonticket.web.internal import InternalAPI
+    from anonticket.web.site import PrivacySite
 
     from .conftest import reactor
 
@@ -237,8 +237,8 @@ async def test_healthz_shows_the_height_the_monitor_acts_on_and_why(store, http)
     from twisted.internet.task import Clock
 
     from anonticket.metrics import Metrics
-    from anonticket.web.http import PrivacySite
     from anonticket.web.internal import InternalAPI
+    from anonticket.web.site import PrivacySite
 
     from .conftest import reactor
 

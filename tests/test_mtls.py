@@ -34,9 +34,9 @@ from twisted.web.resource import Resource
 from anonticket.config import ConfigError, check_internal_endpoint
 from anonticket.metrics import Metrics
 from anonticket.tap import AnonticketService, build
-from anonticket.web.http import PrivacySite
 from anonticket.web.mtls import TLSServerEndpoint, parse_ssl
 from anonticket.web.service import SiteService, StartupError
+from anonticket.web.site import PrivacySite
 
 from .conftest import daemon_config, reactor, tcp_port
 from .rawhttp import parse_response

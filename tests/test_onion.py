@@ -46,8 +46,8 @@ from anonticket.onion import (
 from anonticket.onion.process import TorOutput
 from anonticket.torcontrol import DEFAULT_COOKIE_FILES, CookiePolicy
 from anonticket.torstatus import Bootstrap, parse_bootstrap
-from anonticket.web.http import PrivacySite
 from anonticket.web.service import SiteService, StartupError
+from anonticket.web.site import PrivacySite
 
 from .conftest import reactor
 

@@ -38,7 +38,7 @@ from anonticket.onion import (
     onion_address,
     parse_service_id,
 )
-from anonticket.web.http import PrivacySite
+from anonticket.web.site import PrivacySite
 
 from .conftest import reactor
 from .test_onion import VECTOR_ADDRESS, VECTOR_SEED

@@ -128,8 +128,8 @@ def documented_codes() -> set[tuple[str, str]]:
 
 # An error answer in the web layer: ApiError(status, "code", ...) or a literal JSON error.
 _API_ERROR = re.compile(r'ApiError\(\s*(\d{3}),\s*"([a-z_]+)"')
-_RAW_ERROR = re.compile(r'_error_bytes\(\s*"([a-z_]+)"')
-# Statuses of the literal answers written by hand in anonticket/web/http.py.
+_RAW_ERROR = re.compile(r'error_body\(\s*"([a-z_]+)"')
+# Statuses of the literal answers written by hand in anonticket/web/request.py and channel.py.
 _RAW_STATUS = {
     "body_too_large": "413",
     "request_timeout": "408",

@@ -46,8 +46,8 @@ from anonticket.torcontrol import (
     proven,
     safecookie_hashes,
 )
-from anonticket.web.http import PrivacySite
 from anonticket.web.service import StartupError
+from anonticket.web.site import PrivacySite
 
 from .conftest import reactor
 

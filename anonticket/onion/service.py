@@ -44,8 +44,8 @@ from anonticket.onion.session import OnionTimeouts, Session
 from anonticket.onion.sockets import site_endpoint, target_of
 from anonticket.torcontrol import CookiePolicy
 from anonticket.torstatus import Bootstrap, watch_bootstrap
-from anonticket.web.http import PrivacySite
 from anonticket.web.service import SiteService, StartupError
+from anonticket.web.site import PrivacySite
 
 __all__ = ["OnionService"]
 

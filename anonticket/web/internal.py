@@ -30,18 +30,11 @@ from anonticket.store.records import (
     SpendAnswer,
     VersionMismatch,
 )
-from anonticket.web.http import (
-    ApiError,
-    install_error_handlers,
-    read_json_object,
-    respond,
-    respond_body,
-    set_route,
-    shielded,
-    store_answer,
-)
+from anonticket.web.errors import install_error_handlers
+from anonticket.web.jsonio import ApiError, read_json_object, respond, respond_body
 from anonticket.web.passes import Passes
 from anonticket.web.public import passes_disabled, rfc3339, token_not_found
+from anonticket.web.request import set_route
 from anonticket.web.spending import (
     etag,
     idempotency_key,
@@ -54,6 +47,7 @@ from anonticket.web.spending import (
     text_field,
     version_mismatch,
 )
+from anonticket.web.storecalls import shielded, store_answer
 
 MAX_REASON_LENGTH = 1000
 # The ids outbox.py makes; anything else cannot name an event and never reaches the database

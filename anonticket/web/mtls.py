@@ -256,7 +256,7 @@ def certificate_options(spec: TLSListen) -> tuple[CertificateOptions, int]:
 class _TLSFactory(TLSMemoryBIOFactory):
     """TLS around a site that may refuse a connection.
 
-    :class:`~anonticket.web.http.PrivacySite` refuses a connection at its cap by building no
+    :class:`~anonticket.web.site.PrivacySite` refuses a connection at its cap by building no
     protocol; Twisted's wrapper would wrap that None and fail, with a logged traceback, once
     per refused connection.  Here no protocol means no connection, as on plain TCP.
     """

@@ -40,9 +40,10 @@ from anonticket.store.records import (
     SpendOutcome,
     SpendRequest,
 )
-from anonticket.web.http import ApiError, body_limit, json_body, respond, store_answer
+from anonticket.web.jsonio import ApiError, body_limit, json_body, respond
 from anonticket.web.public import token_not_found
 from anonticket.web.spending import idempotency_key
+from anonticket.web.storecalls import store_answer
 
 REQUEST_PATH: Final = "/api/v1/passes/token-request"
 DIRECTORY_PATH: Final = "/.well-known/private-token-issuer-directory"

@@ -30,17 +30,17 @@ from anonticket.store.records import (
 
 if TYPE_CHECKING:  # passes.py imports this module
     from anonticket.web.passes import Passes
-from anonticket.web.http import (
+from anonticket.web.errors import install_error_handlers
+from anonticket.web.jsonio import (
     ApiError,
-    install_error_handlers,
     json_body,
     read_json_object,
     respond,
     respond_body,
     respond_error,
-    set_route,
-    store_answer,
 )
+from anonticket.web.request import set_route
+from anonticket.web.storecalls import store_answer
 
 
 # Functions, not shared instances: raising one exception object again and again chains every

@@ -21,8 +21,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from anonticket import limits
-from anonticket.web.http import PrivacySite
 from anonticket.web.mtls import TLSServerEndpoint, TLSSetupError, parse_ssl
+from anonticket.web.site import PrivacySite
 
 DRAIN_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 2.0

@@ -21,7 +21,7 @@ from anonticket.store.records import (
     TokenRecord,
     VersionMismatch,
 )
-from anonticket.web.http import ApiError, respond
+from anonticket.web.jsonio import ApiError, respond
 from anonticket.web.public import rfc3339, token_view
 
 MAX_MEMO_LENGTH: Final = 200

@@ -1,0 +1,76 @@
+"""How a handler waits for the store: :func:`store_answer` turns a store failure into the 503
+(the one place it happens), :func:`shielded` keeps a client that hangs up from cancelling work
+whose outcome must still be seen.
+
+The rule for asynchronous code in the web layer is written in :mod:`anonticket.web.public`,
+which holds the two hot-path handlers it excepts.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+from anonticket.metrics import Metrics
+from anonticket.web.errors import PROCESS_LOG, type_name
+from anonticket.web.jsonio import ApiError
+
+log = Logger()
+
+T = TypeVar("T")
+
+
+def shielded(d: Deferred[T]) -> Deferred[T]:
+    """A Deferred with ``d``'s result whose cancellation (the client went away) leaves ``d`` to
+    finish: for work whose outcome must be seen whoever waits for it."""
+    outer: Deferred[T] = Deferred()
+
+    def forward(result: object) -> object:
+        if not outer.called:
+            if isinstance(result, Failure):
+                outer.errback(result)
+            else:
+                outer.callback(result)  # type: ignore[arg-type]
+        return None  # ``d`` itself ends here: its failure is outer's to report
+
+    d.addBoth(forward)
+    return outer
+
+
+def store_answer(metrics: Metrics, operation: str, d: Deferred[T]) -> Deferred[T]:
+    """``d`` (a store operation's result) with a failure turned into one log line, a metric and
+    ApiError 503 for the client: the one place a store failure becomes an HTTP answer.
+
+    The async rule of the web layer: handlers on the measured hot paths (the public redeem and
+    token check) are plain functions that return bytes when memory answers and chain callbacks
+    on this Deferred otherwise (no coroutine, no exception on the fast path); every other
+    handler is ``async def`` and awaits this."""
+
+    def failed(failure: Failure) -> Failure:
+        if failure.check(CancelledError):
+            return failure  # the client went away; nothing failed
+        metrics.store_errors.labels(operation).inc()
+        # Every request fails while the store is down: the metric counts them all, the log
+        # says so a few times a minute.
+        error_type = type_name(failure)
+        PROCESS_LOG.emit(
+            log,
+            LogLevel.error,
+            ("store", operation, error_type),
+            "store {operation} failed: {error_type}",
+            operation=operation,
+            error_type=error_type,
+        )
+        return Failure(
+            ApiError(
+                503,
+                "unavailable",
+                "service temporarily unavailable, retry later",
+                {"Retry-After": "5"},
+            )
+        )
+
+    return d.addErrback(failed)
