@@ -12,7 +12,7 @@ from anonticket import store as store_module
 from anonticket.config import ConfigError
 from anonticket.domain import PaymentId
 from anonticket.metrics import Metrics
-from anonticket.store import Store
+from anonticket.store import Store, answers
 from anonticket.store.answercache import FRESH_FOR, AnswerCache
 from anonticket.store.changes import NumberedRows
 from anonticket.store.records import (
@@ -236,7 +236,7 @@ async def test_a_lower_change_number_committed_late_is_still_seen(nodes):
 @pytest_twisted.ensureDeferred
 async def test_a_full_page_of_changes_keeps_the_cache_quiet_until_caught_up(nodes, monkeypatch):
     a, b = nodes
-    monkeypatch.setattr(store_module, "_SYNC_PAGE", 2)
+    monkeypatch.setattr(answers, "_SYNC_PAGE", 2)
     pids = [PaymentId((i + 1).to_bytes(8, "big")) for i in range(3)]
     tokens = [await issue(a, p, i + 1) for i, p in enumerate(pids)]
     for token in tokens:
