@@ -18,11 +18,11 @@ import nacl.bindings
 import nacl.signing
 import pytest
 import pytest_twisted
-import txtorcon
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionRefusedError, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.task import Clock, deferLater
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from txtorcon.testutil import FakeControlProtocol
 from txtorcon.torcontrolprotocol import TorDisconnectError, TorProtocolError
@@ -43,7 +43,9 @@ from anonticket.onion import (
     parse_service_id,
     print_address_main,
 )
-from anonticket.onion.process import TorOutput
+from anonticket.onion import process as tor_process
+from anonticket.onion import service as onion_service
+from anonticket.onion.process import TorLaunch, TorOutput, TorProcess
 from anonticket.torcontrol import DEFAULT_COOKIE_FILES, CookiePolicy
 from anonticket.torstatus import Bootstrap, parse_bootstrap
 from anonticket.web.service import SiteService, StartupError
@@ -195,12 +197,14 @@ def test_defenses_are_range_checked() -> None:
 
 def test_tor_output_forwards_warnings_only(logs: Callable[[str], list[str]]) -> None:
     out = TorOutput()
-    out.write("Nov 28 09:25:40.922 [notice] Bootstrapped 5% (conn): Con")
-    out.write("necting\nNov 28 09:25:41.000 [warn] Something odd\n")
-    out.write(b"Nov 28 09:25:42.000 [err] Reading config failed\n[warn] half")
+    out.write(b"Nov 28 09:25:40.922 [notice] Bootstrapped 5% (conn): Con")
+    out.write(b"necting\nNov 28 09:25:41.000 [warn] Something odd\n")
+    out.write(b"Nov 28 09:25:42.000 [err] Reading config failed\n[warn] caf\xc3")
+    out.write(b"\xa9\n[warn] half")  # a character split between two reads
     assert [line.split(" {")[0] for line in logs("tor: ")] == [
         "tor: Something odd",
         "tor: Reading config failed",
+        "tor: caf\u00e9",
     ]
     assert all('"log_namespace": "anonticket.onion"' in line for line in logs("tor: "))
 
@@ -300,6 +304,25 @@ class Ok(Resource):
         return b"ok"
 
 
+class FakeProcess:
+    """The process transport of a tor that ends as soon as it gets a signal."""
+
+    pid = 4242
+
+    def __init__(self, protocol: TorProcess) -> None:
+        self.protocol = protocol
+        self.signals: list[str] = []
+
+    def signalProcess(self, name: str) -> None:
+        if self.protocol.exit is not None:
+            raise ProcessExitedAlready()
+        self.signals.append(name)
+        self.protocol.processEnded(Failure(ProcessTerminated(signal=15)))
+
+    def closeStdin(self) -> None:
+        pass
+
+
 class Harness:
     """An OnionService on a real loopback listener, with tor faked and time on a Clock."""
 
@@ -315,7 +338,10 @@ class Harness:
         self.tors: list[Any] = []
         self.policies: list[CookiePolicy] = []
         monkeypatch.setattr(torcontrol, "connect_authenticated", self._connect)
-        monkeypatch.setattr(txtorcon, "launch", self._launch)
+        # A launched tor: recorded, and it never gets anywhere (it only ends when signalled).
+        self.launches: list[TorLaunch] = []
+        self.spawned: list[TorProcess] = []
+        monkeypatch.setattr(tor_process, "spawn_tor", self._spawn)
 
     def _connect(self, endpoint: Any, policy: CookiePolicy) -> defer.Deferred[Any]:
         self.connects.append(self.clock.seconds())
@@ -327,14 +353,23 @@ class Harness:
             return defer.fail(outcome)
         return defer.succeed(outcome)
 
-    def _launch(self, reactor: Any, **kwargs: Any) -> defer.Deferred[Any]:
-        self.launch_kwargs = kwargs
-        return defer.Deferred()  # a tor that never gets anywhere
+    def _spawn(self, reactor: Any, launch: TorLaunch) -> TorProcess:
+        self.launches.append(launch)
+        tor = TorProcess()
+        tor.makeConnection(FakeProcess(tor))
+        self.spawned.append(tor)
+        return tor
 
     def control(self, **answers: Any) -> FakeControl:
         return FakeControl(self.service_id, **answers)
 
-    def service(self, *, tor_control: str | None = "unix:/nonexistent/control", **kw: Any) -> Any:
+    def service(
+        self,
+        *,
+        tor_control: str | None = "unix:/nonexistent/control",
+        tor_binary: str | None = "/usr/sbin/tor",  # not run: spawn_tor is faked
+        **kw: Any,
+    ) -> Any:
         site = PrivacySite(Ok(), name="public", metrics=self.metrics, clock=reactor)
         return OnionService(
             reactor,
@@ -343,9 +378,14 @@ class Harness:
             metrics=self.metrics,
             tor_control=tor_control,
             timeouts=FAST,
+            tor_binary=tor_binary,
             clock=self.clock,
             **kw,
         )
+
+    @property
+    def tor_signals(self) -> list[str]:
+        return [s for launch in self.spawned for s in launch.transport.signals]
 
     def state(self) -> str:
         for metric in self.metrics.registry.collect():
@@ -702,7 +742,8 @@ async def test_attached_cookie_policy(harness: Harness) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_launch_mode_listens_on_a_private_unix_socket(harness: Harness) -> None:
-    svc = harness.service(tor_control=None, tor_options={"DisableNetwork": "1"})
+    options = {"DisableNetwork": "1", "DirAuthority": ["a 127.0.0.1:1 AA", "b 127.0.0.1:2 BB"]}
+    svc = harness.service(tor_control=None, tor_options=options)
     sock = harness.data_dir / "public.sock"
     sock_probe = socket.socket(socket.AF_UNIX)
     sock_probe.bind(str(sock))  # a stale socket from a crashed daemon: nobody listens
@@ -710,16 +751,60 @@ async def test_launch_mode_listens_on_a_private_unix_socket(harness: Harness) ->
     svc.startService()
     assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
     assert svc._target == f"unix:{sock}"
-    kwargs = harness.launch_kwargs
-    assert kwargs["data_directory"] == str(harness.data_dir / "tor")
-    assert kwargs["socks_port"] == 0 and kwargs["kill_on_stderr"] is False
-    assert kwargs["control_port"] == f"unix:{harness.data_dir / 'tor' / 'control'}"
-    assert dict(kwargs["_tor_config"].config_args()) == {
-        "DisableNetwork": "1",
-        "CookieAuthFile": str(harness.data_dir / "tor" / "control_auth_cookie"),
-    }
+    [launch] = harness.launches
+    tor_dir = harness.data_dir / "tor"
+    assert stat.S_IMODE(tor_dir.stat().st_mode) == 0o700
+    # The operator's options (a list repeats one), then ours, which tor keeps if both say.
+    # fmt: off
+    assert launch.arguments(31337) == [
+        "/usr/sbin/tor", "-f", "/dev/null", "--ignore-missing-torrc",
+        "DisableNetwork", "1",
+        "DirAuthority", "a 127.0.0.1:1 AA", "DirAuthority", "b 127.0.0.1:2 BB",
+        "DataDirectory", str(tor_dir),
+        "ControlPort", f"unix:{tor_dir / 'control'}",
+        "CookieAuthentication", "1",
+        "CookieAuthFile", str(tor_dir / "control_auth_cookie"),
+        "SocksPort", "0",
+        "__OwningControllerProcess", "31337",
+    ]
+    # fmt: on
     await svc.stopService()
     assert not sock.exists()
+    assert harness.tor_signals == ["TERM"]  # and it was stopped
+
+
+@pytest_twisted.ensureDeferred
+async def test_launched_tor_is_owned_before_the_onion_and_stopped_after_it(
+    harness: Harness, logs: Callable[[str], list[str]]
+) -> None:
+    tor = harness.control()
+    harness.tors = [tor]
+    svc = harness.service(tor_control=None)
+    svc.startService()
+    assert harness.state() == "publishing"
+    [policy] = harness.policies  # its own cookie only, as any tor must prove it knows it
+    assert policy.allowed == (harness.data_dir / "tor" / "control_auth_cookie",)
+    assert policy.own_cookie == policy.allowed[0]
+    assert tor.verbs() == ["TAKEOWNERSHIP", "RESETCONF", "ADD_ONION"]
+    assert tor.sent[1] == "RESETCONF __OwningControllerProcess"
+    assert logs("launching tor (DataDirectory") and logs("control connection in")
+    await svc.stopService()
+    assert tor.verbs()[3:] == ["DEL_ONION", "QUIT"] and harness.tor_signals == ["TERM"]
+    assert logs("tor exited (signal 15)") and not logs("killing it")
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_tor_binary_is_one_line_and_retried(
+    harness: Harness, logs: Callable[[str], list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(onion_service, "find_tor", lambda: None)
+    svc = harness.service(tor_control=None, tor_binary=None)
+    svc.startService()
+    assert harness.state() == "failed" and not harness.launches
+    assert logs("could not launch tor: tor binary could not be found (searched PATH, /usr/sbin")
+    harness.clock.advance(FAST.backoff_base)
+    assert len(logs("tor binary could not be found")) == 2
+    await svc.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -732,7 +817,7 @@ async def test_long_data_dir_falls_back_to_loopback_and_a_short_control_socket(
     svc = h.service(tor_control=None)
     svc.startService()
     assert svc._target.startswith("127.0.0.1:")
-    control = h.launch_kwargs["control_port"].removeprefix("unix:")
+    control = str(h.launches[0].control_socket)
     assert len(control) < 100 and Path(control).parent.stat().st_mode & 0o077 == 0
     await svc.stopService()
     assert not Path(control).parent.exists()

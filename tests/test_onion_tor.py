@@ -349,8 +349,13 @@ async def test_service_launches_its_own_tor_and_stops_it(short_dir: Path) -> Non
         assert health["state"] == "bootstrapping" and health["bootstrap_percent"] == 0, health
         session = svc._session
         assert session is not None
+        assert session.process is not None
         pid = session.process.transport.pid
         os.kill(pid, 0)
+        # Tied to us: tor watches this process until we own it on the control connection.
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        owner = argv.index(b"__OwningControllerProcess")
+        assert argv[owner + 1] == str(os.getpid()).encode()
         sock = short_dir / "public.sock"
         assert svc._target == f"unix:{sock}"
         assert oct(sock.stat().st_mode & 0o777) == "0o600"
@@ -371,6 +376,38 @@ async def test_service_launches_its_own_tor_and_stops_it(short_dir: Path) -> Non
     assert not (short_dir / "public.sock").exists()
     assert not (short_dir / "tor" / "control").exists()
     assert state(metrics) == "disabled"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_launched_tor_exits_when_its_owner_hangs_up(short_dir: Path) -> None:
+    """TAKEOWNERSHIP: tor goes when our control connection goes, e.g. when the daemon dies."""
+    metrics = Metrics()
+    site = PrivacySite(Ok(), name="public", metrics=metrics, clock=reactor)
+    svc = OnionService(
+        reactor,
+        data_dir=short_dir,
+        site=site,
+        metrics=metrics,
+        timeouts=QUICK,
+        tor_binary=TOR,
+        tor_options={"DisableNetwork": "1"},
+    )
+    svc.startService()
+    try:
+        await until(lambda: (short_dir / "onion_hostname").exists())
+        session = svc._session
+        assert session is not None and session.process is not None
+        pid = session.process.transport.pid
+        # Only the connection goes: the loop is stopped first, so nothing of ours stops tor.
+        assert svc._loop is not None
+        svc._loop.cancel()
+        session.protocol.transport.loseConnection()
+        await until(lambda: session.process is not None and session.process.exit is not None)
+        assert session.process.exit == "code 0"
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    finally:
+        await svc.stopService()
 
 
 @pytest_twisted.ensureDeferred

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import os
 import random
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -40,6 +39,7 @@ from anonticket.onion.key import (
     onion_address,
     write_hostname,
 )
+from anonticket.onion.process import find_tor
 from anonticket.onion.session import OnionTimeouts, Session
 from anonticket.onion.sockets import site_endpoint, target_of
 from anonticket.torcontrol import CookiePolicy
@@ -193,10 +193,7 @@ class OnionService(Service):
                 ) from None
             self._cookie_policy = self._attached_policy()
         if self._tor_control is None and self._tor_binary is None:
-            # Once, here: txtorcon would run "which tor" in a shell at every launch.  Debian
-            # installs tor in /usr/sbin, which is not on a non-root user's PATH.
-            search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin"])
-            self._tor_binary = shutil.which("tor", path=search)
+            self._tor_binary = find_tor()  # once: a missing tor is reported at each try
         local = self._local or site_endpoint(self._data_dir, launched=self._tor_control is None)
         site_service = SiteService(self._reactor, "public", local, self._site)
         site_service.startService()

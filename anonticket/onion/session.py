@@ -6,22 +6,23 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import txtorcon
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.error import ConnectError, ProcessExitedAlready
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from anonticket import torcontrol
+from anonticket.onion import process as tor_process
 from anonticket.onion.add_onion import OnionError, tor_error_text
-from anonticket.onion.process import Spawner, TorOutput
+from anonticket.onion.process import TorProcess
 from anonticket.onion.sockets import usable_socket_path
 from anonticket.torcontrol import CookiePolicy
 from anonticket.torstatus import Bootstrap
@@ -65,7 +66,7 @@ class Session:
     clock: IReactorTime
     timeouts: OnionTimeouts
     protocol: Any = None
-    process: Any = None  # txtorcon's TorProcessProtocol: .quit(), .transport
+    process: TorProcess | None = None
     control_dir: Path | None = None  # private temp dir when the data dir path is unusable
     service_id: str | None = None
     connected: bool = False
@@ -73,7 +74,6 @@ class Session:
     bootstrap: Bootstrap | None = None  # tor's latest bootstrap report
     published: bool = False  # a descriptor was uploaded
     started: float = 0.0
-    config: Any = None  # the launched tor's txtorcon TorConfig
     timers: list[IDelayedCall] = field(default_factory=list)
 
     # -- open -----------------------------------------------------------------------------
@@ -97,65 +97,32 @@ class Session:
         reactor: Any,
         data_dir: Path,
         tor_binary: str | None,
-        tor_options: dict[str, str | list[str]],
+        tor_options: Mapping[str, str | list[str]],
     ) -> None:
-        """Launch a private tor (DataDirectory ``<data-dir>/tor``) and connect to it."""
+        """Launch a private tor (DataDirectory ``<data-dir>/tor``), connect to its control
+        socket as to any tor (it must prove it knows its cookie) and take ownership of it."""
         clock = self.clock
         t = self.timeouts
         started = clock.seconds()
+        if tor_binary is None:
+            raise OnionError("tor binary could not be found (searched PATH, /usr/sbin, /usr/bin)")
         tor_dir = data_dir / TOR_DIR
         tor_dir.mkdir(mode=0o700, exist_ok=True)
         control_path = tor_dir / "control"
-        # Tor logs this path on stdout, which txtorcon decodes as ASCII: keep it plain too.
         if not usable_socket_path(control_path):
             self.control_dir = Path(tempfile.mkdtemp(prefix="anonticket-tor-"))
             control_path = self.control_dir / "control"
-        ready: defer.Deferred[Any] = defer.Deferred()
-        deadline = clock.seconds() + t.connect
         cookie = tor_dir / TOR_COOKIE
-        policy = CookiePolicy.for_launched(data_dir, cookie)
-
-        def connection_creator() -> defer.Deferred[Any]:
-            return defer.ensureDeferred(
-                self._connect_control(reactor, control_path, deadline, policy, ready)
-            )
-
-        def launch_failed(failure: Failure) -> None:
-            if not ready.called:  # no tor binary, or tor would not start
-                ready.errback(failure)
-
-        def exited(how: str) -> None:
-            # Once connected, a tor that dies shows up as a lost control connection as well.
-            log.info("tor exited ({how})", how=how)
-            if not ready.called:
-                ready.errback(OnionError(f"tor exited ({how}) before its control port was up"))
-
-        config = self.config = txtorcon.TorConfig()
-        for option, value in tor_options.items():
-            setattr(config, option, value)
-        # Where we look for it, whatever --tor-config says (launch() turns cookies on).
-        config.CookieAuthFile = str(cookie)
-        spawner = Spawner(reactor)
-        output = TorOutput()
+        settings = tor_process.TorLaunch(tor_binary, tor_dir, control_path, cookie, tor_options)
         log.info("onion service: launching tor (DataDirectory {path})", path=str(tor_dir))
-        launching = txtorcon.launch(
-            spawner,
-            data_directory=str(tor_dir),
-            control_port=f"unix:{control_path}",
-            socks_port=0,  # a service, not a client: no SOCKS listener
-            stdout=output,
-            stderr=output,
-            kill_on_stderr=False,
-            tor_binary=tor_binary,
-            connection_creator=connection_creator,
-            _tor_config=config,  # the only way to pass extra torrc options at launch
-        )
-        self.process = spawner.protocol
-        spawner.ended.addCallback(exited)
-        # Bootstrap progress is read from tor's events (watch_bootstrap), as for an attached tor.
-        launching.addErrback(launch_failed)
-        self.protocol = await ready.addTimeout(t.connect, clock)
+        self.process = tor_process.spawn_tor(reactor, settings)
+        policy = CookiePolicy.for_launched(data_dir, cookie)
+        opening = defer.ensureDeferred(self._open_control(reactor, control_path, policy))
+        self.protocol = await opening.addTimeout(t.connect, clock)
         self._watch_connection()
+        # Tie tor to this connection: it exits when we hang up, whatever becomes of us.
+        for command in ("TAKEOWNERSHIP", "RESETCONF __OwningControllerProcess"):
+            await self.protocol.queue_command(command).addTimeout(t.command, clock)
         log.info(
             "onion service: tor {version} is up, control connection in {elapsed:.2f}s",
             version=getattr(self.protocol, "version", "?"),
@@ -163,39 +130,18 @@ class Session:
         )
         self.timers.append(clock.callLater(t.bootstrap, self._bootstrap_late))
 
-    async def _connect_control(
-        self,
-        reactor: Any,
-        path: Path,
-        deadline: float,
-        policy: CookiePolicy,
-        ready: defer.Deferred[Any],
-    ) -> Any:
-        """Connect to the launched tor and authenticate (as to any tor: it must prove it
-        knows its cookie); report to *ready*, return the protocol to txtorcon."""
-        # txtorcon connects once tor *logs* that it opens the control socket, which can be
-        # before the socket exists, and it never tries again (txtorcon #349): retry until then.
+    async def _open_control(self, reactor: Any, path: Path, policy: CookiePolicy) -> Any:
+        """The authenticated control connection of the tor we launched, once it listens."""
+        assert self.process is not None
         endpoint = UNIXClientEndpoint(reactor, str(path))
         while True:
+            if self.process.exit is not None:
+                raise OnionError(f"tor exited ({self.process.exit}) before its control port was up")
             try:
-                protocol = await endpoint.connect(torcontrol.VerifiedControlFactory(policy))
-                break
+                return await torcontrol.connect_authenticated(endpoint, policy)
             except ConnectError:
-                if self.clock.seconds() >= deadline:
-                    raise
+                # Not there yet: tor makes the socket a moment after it starts.
                 await deferLater(self.clock, _CONTROL_RETRY)
-        try:
-            await torcontrol.when_authenticated(protocol)
-        except Exception as e:
-            if not ready.called:
-                ready.errback(Failure(e))
-            # Not back to txtorcon, which would log it with a traceback and wait for another
-            # "Opening Control listener" line; the loop reports it and stops this tor.
-            never: defer.Deferred[Any] = defer.Deferred()
-            return await never
-        if not ready.called:
-            ready.callback(protocol)
-        return protocol
 
     def _bootstrap_late(self) -> None:
         if not self.bootstrapped:
@@ -233,21 +179,6 @@ class Session:
             if call.active():
                 call.cancel()
         protocol = self.protocol
-        if self.config is not None and self.connected:
-            # txtorcon reads the launched tor's whole config (a GETCONF per option) right after
-            # connecting, in a Deferred nobody can handle: hanging up in the middle of it logs
-            # an "Unhandled Error".  Let it finish first (it takes well under a second).
-            setup = self.config.post_bootstrap
-            if not setup.called:
-                waiting: defer.Deferred[Any] = defer.Deferred()
-
-                def settled(result: object) -> object:
-                    waiting.callback(None)
-                    return result
-
-                setup.addBoth(settled)
-                with contextlib.suppress(Exception):
-                    await waiting.addTimeout(t.stop, clock)
         if protocol is not None and self.connected:
             if remove and self.service_id is not None:
                 try:
@@ -264,20 +195,7 @@ class Session:
             if self.connected and protocol.transport is not None:
                 protocol.transport.loseConnection()
         if self.process is not None:
-            await self._stop_tor(self.process)
+            # TAKEOWNERSHIP makes tor exit as we hang up; make sure it is gone.
+            await self.process.stop(clock, t.stop)
         if self.control_dir is not None:
             shutil.rmtree(self.control_dir, ignore_errors=True)
-
-    async def _stop_tor(self, process: Any) -> None:
-        # TAKEOWNERSHIP makes tor exit when we hang up; SIGTERM it anyway and make sure it is
-        # gone (txtorcon's quit() fires once the process has exited).
-        t = self.timeouts
-        try:
-            await process.quit().addTimeout(t.stop, self.clock)
-            return
-        except defer.TimeoutError:
-            log.warn("tor did not exit within {timeout}s; killing it", timeout=t.stop)
-        with contextlib.suppress(ProcessExitedAlready):
-            process.transport.signalProcess("KILL")
-        with contextlib.suppress(defer.TimeoutError):
-            await process.quit().addTimeout(t.stop, self.clock)
