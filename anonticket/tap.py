@@ -58,6 +58,14 @@ class AnonticketService(MultiService):
             parent.setComponent(ILogObserver, self.log_observer)
         super().setServiceParent(parent)
 
+    def privilegedStartService(self) -> None:
+        # twistd's first call: the sites bind here (see SiteService).  Nothing has started yet,
+        # and the ports bound so far close as the process exits.
+        try:
+            super().privilegedStartService()
+        except StartupError as e:
+            raise SystemExit(f"anonticket: {e}") from None
+
     def startService(self) -> None:
         try:
             super().startService()

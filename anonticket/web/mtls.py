@@ -275,7 +275,7 @@ class _TLSFactory(TLSMemoryBIOFactory):
 class TLSServerEndpoint:
     """An ``ssl:`` endpoint, with client certificates required when ``caCertsDir`` is given.
 
-    The files are read when it is made (in ``startService``, before the reactor runs).
+    The files are read when it is made (as its SiteService binds, before the reactor runs).
     """
 
     def __init__(self, reactor: Any, spec: TLSListen) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
@@ -37,9 +37,9 @@ class StartupError(Exception):
 class SiteService(Service):
     """Listens on a Twisted endpoint string.
 
-    Unlike StreamServerEndpointService, a listen failure is raised from startService (twistd
-    calls it before the reactor runs), so a port in use stops start-up with one clear line
-    instead of a daemon that runs but serves nothing.
+    Unlike StreamServerEndpointService, a listen failure is raised from the start methods
+    (twistd calls them before the reactor runs), so a port in use stops start-up with one clear
+    line instead of a daemon that runs but serves nothing.
     """
 
     def __init__(
@@ -66,8 +66,26 @@ class SiteService(Service):
             require_loopback = option == "internal"
         self.require_loopback = require_loopback
 
-    def startService(self) -> None:
+    def privilegedStartService(self) -> None:
+        """Bind now, before twistd sheds its privileges (a port below 1024 needs them), as
+        Twisted's own StreamServerEndpointService does; an ``ssl:`` endpoint's files are read
+        now too.  A unix socket waits for :meth:`startService`: made now, under ``--uid`` it
+        would be root's (and mode 600 would shut out the daemon's own user), and it may lie in
+        the data directory, which the store creates when it starts."""
+        super().privilegedStartService()
         endpoint = self._endpoint()
+        if not isinstance(endpoint, UNIXServerEndpoint):
+            self._listen(endpoint)
+
+    def startService(self) -> None:
+        """Bind, unless :meth:`privilegedStartService` did (twistd calls both; a caller that
+        starts this service alone, such as the onion's, calls only this one)."""
+        if self.port is None:
+            self._listen(self._endpoint())
+        super().startService()
+
+    def _listen(self, endpoint: IStreamServerEndpoint) -> None:
+        """Listen at once or raise :class:`StartupError`; then check and log where."""
         d = endpoint.listen(self.site)
         outcome: list[object] = []
         d.addBoth(outcome.append)
@@ -125,7 +143,6 @@ class SiteService(Service):
             address=_address_text(host),
             cap=cap,
         )
-        super().startService()
 
     def _endpoint(self) -> IStreamServerEndpoint:
         try:
