@@ -39,7 +39,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
-from txtorcon.torcontrolprotocol import TorControlProtocol, TorProtocolError
+from txtorcon.torcontrolprotocol import Event, TorControlProtocol, TorProtocolError
 
 __all__ = [
     "COOKIE_BYTES",
@@ -240,10 +240,10 @@ def _cookie_problem(info: os.stat_result, parent: os.stat_result) -> str | None:
 
 
 class VerifiedControlProtocol(TorControlProtocol):  # type: ignore[misc]
-    """txtorcon's control protocol with our authentication instead of its own (see the module
-    docstring); the rest (GETINFO set-up, events, commands) is txtorcon's.  ``post_bootstrap``
-    fires as usual once authenticated and set up, or fails with :class:`ControlAuthError`,
-    after which the connection is closed."""
+    """txtorcon's control protocol with our authentication and set-up instead of its own (see
+    the module docstring), through its public methods only; commands, replies and events are
+    txtorcon's.  ``post_bootstrap`` fires as usual once authenticated and set up, or fails
+    with :class:`ControlAuthError`, after which the connection is closed."""
 
     def __init__(self, policy: CookiePolicy, nonce: Callable[[int], bytes] = os.urandom) -> None:
         super().__init__()
@@ -253,7 +253,7 @@ class VerifiedControlProtocol(TorControlProtocol):  # type: ignore[misc]
 
     def connectionMade(self) -> None:
         d = defer.ensureDeferred(self._authenticate())
-        d.addCallback(lambda _: self._bootstrap())
+        d.addCallback(lambda _: defer.ensureDeferred(self._set_up()))
         d.addErrback(self._refuse)
 
     async def _authenticate(self) -> None:
@@ -291,6 +291,16 @@ class VerifiedControlProtocol(TorControlProtocol):  # type: ignore[misc]
             ) from None
         self.tor_proven = True
 
+    async def _set_up(self) -> None:
+        """What txtorcon's own set-up gives, as far as we use it: tor's version, and the
+        event names ``add_event_listener`` accepts (tor's signal names, for ``signal()``, are
+        not read: we send none)."""
+        self.version = (await self.get_info("version"))["version"]
+        names = (await self.get_info("events/names"))["events/names"]
+        self.valid_events = {name: Event(name) for name in names.split()}
+        await self.queue_command("USEFEATURE EXTENDED_EVENTS")  # no-op since tor 0.2.2
+        self.post_bootstrap.callback(self)
+
     def _refuse(self, failure: Failure) -> None:
         if not self.post_bootstrap.called:
             self.post_bootstrap.errback(failure)
@@ -321,7 +331,7 @@ def when_authenticated(protocol: Any) -> defer.Deferred[Any]:
     """A new Deferred for *protocol*'s ``post_bootstrap``, firing with the protocol; it can be
     cancelled (a timeout) without touching the original.  A failure is handed to it alone:
     ``post_bootstrap`` then holds None, not a failure nobody handles; on success it keeps its
-    result for txtorcon, which waits on it too when it launches tor."""
+    result for whoever else waits on it."""
     observed: defer.Deferred[Any] = defer.Deferred()
 
     def relay(result: object) -> object:
