@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import schemathesis
+from requests.structures import CaseInsensitiveDict
 from schemathesis.transport.serialization import serialize_binary
 
 from anonticket.passes.client import blind, token_challenge
@@ -32,6 +33,9 @@ SEEN = Path(os.environ["ANONTICKET_OPENAPI_SEEN"])
 _passes = list(SEEDS.get("passes", []))
 _redeemed: list[bool] = []  # redeems given a seeded payment ID so far
 _retried: list[bool] = []  # a failed event was retried by its id: no more waiting for one
+
+# The hooks see cases of every operation of both documents.
+Case = schemathesis.Case[Any]
 
 
 @schemathesis.deserializer("application/private-token-issuer-directory")
@@ -56,7 +60,7 @@ def _token_response(
     return response.content.decode("latin-1")
 
 
-def _digest(case: schemathesis.Case) -> bytes:
+def _digest(case: Case) -> bytes:
     """Fixed by the case's generated values."""
     text = repr((case.method, case.path, case.path_parameters, case.query, case.headers, case.body))
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
@@ -83,7 +87,7 @@ def _fresh_request() -> str:
 
 
 @schemathesis.hook
-def before_call(context: schemathesis.HookContext, case: schemathesis.Case, kwargs: Any) -> None:
+def before_call(context: schemathesis.HookContext, case: Case, kwargs: Any) -> None:
     meta = case.meta
     if meta is not None and meta.generation.mode.is_negative:
         return
@@ -112,7 +116,7 @@ def before_call(context: schemathesis.HookContext, case: schemathesis.Case, kwar
         _redeemed.append(True)
     if path.startswith("/api/v1/passes") and method == "POST" and path != "/api/v1/passes/verify":
         if roll < 70:
-            headers = dict(case.headers or {})
+            headers = CaseInsensitiveDict(case.headers or {})
             headers["Authorization"] = f"Bearer {tokens['spender']}"
             case.headers = headers
         if roll < 50:
@@ -128,7 +132,7 @@ def before_call(context: schemathesis.HookContext, case: schemathesis.Case, kwar
 
 @schemathesis.hook
 def after_call(
-    context: schemathesis.HookContext, case: schemathesis.Case, response: schemathesis.Response
+    context: schemathesis.HookContext, case: Case, response: schemathesis.Response
 ) -> None:
     if case.operation.path.endswith("{event_id}/retry") and response.status_code == 200:
         _retried.append(True)

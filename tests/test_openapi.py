@@ -358,7 +358,8 @@ async def schemathesis(site: str, url: str, seeds: Path, work: Path) -> dict[str
 
 
 def ran(result: dict[str, Any], method: str, path: str, status: int) -> bool:
-    return result["statuses"][f"{method} {path} {status}"] > 0
+    statuses: Counter[str] = result["statuses"]
+    return statuses[f"{method} {path} {status}"] > 0
 
 
 @pytest.mark.slow
