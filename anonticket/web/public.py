@@ -2,6 +2,14 @@
 ``--pass-price``) the pass issuer's directory and issuance.
 
 Anything else is a JSON 404; revocation, spends and pass verification are not here at all.
+
+The rule for asynchronous code (README, "Development"): ``async def`` everywhere, plain
+Deferred callbacks only on the measured hot paths.  Those are here: :meth:`PublicAPI.redeem`
+and :meth:`PublicAPI.token` are plain functions that return the bytes at once when the store
+answers from memory, and otherwise chain callbacks on the store's Deferred through
+:func:`~anonticket.web.storecalls.store_answer` (no coroutine, no Deferred, no exception where
+none is needed: docs/performance.md has the figures).  Every other handler is ``async def``
+and awaits ``store_answer``.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 (the one place it happens), :func:`shielded` keeps a client that hangs up from cancelling work
 whose outcome must still be seen.
 
-The rule for asynchronous code in the web layer is written in :mod:`anonticket.web.public`,
-which holds the two hot-path handlers it excepts.
+The rule for asynchronous code is written in :mod:`anonticket.web.public`, which holds the two
+hot-path handlers it excepts.
 """
 
 from __future__ import annotations
@@ -44,10 +44,8 @@ def store_answer(metrics: Metrics, operation: str, d: Deferred[T]) -> Deferred[T
     """``d`` (a store operation's result) with a failure turned into one log line, a metric and
     ApiError 503 for the client: the one place a store failure becomes an HTTP answer.
 
-    The async rule of the web layer: handlers on the measured hot paths (the public redeem and
-    token check) are plain functions that return bytes when memory answers and chain callbacks
-    on this Deferred otherwise (no coroutine, no exception on the fast path); every other
-    handler is ``async def`` and awaits this."""
+    A Deferred, not a coroutine, so that the hot paths can chain callbacks on it; every other
+    handler awaits it (the rule: :mod:`anonticket.web.public`)."""
 
     def failed(failure: Failure) -> Failure:
         if failure.check(CancelledError):
