@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -493,9 +493,11 @@ class MonitorService(Service):
             "monitor started: polling the wallet every {interval}s", interval=self.poll_interval
         )
 
-    @inlineCallbacks
-    def stopService(self) -> Generator[Deferred[Any], Any, None]:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
         loop, self._loop = self._loop, None
         if loop is None:
             return
@@ -507,12 +509,12 @@ class MonitorService(Service):
         if current is not None:
             timer = self._clock.callLater(STOP_GRACE, current.cancel)
             try:
-                yield done
+                await done
             finally:
                 if timer.active():
                     timer.cancel()
         else:
-            yield done
+            await done
         log.info("monitor stopped")
 
     def _tick(self) -> Deferred[None] | None:

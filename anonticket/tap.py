@@ -10,11 +10,11 @@ from __future__ import annotations
 import gc
 import os
 import sys
-from collections.abc import Generator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -76,17 +76,19 @@ class AnonticketService(MultiService):
                     service.stopService()
             raise SystemExit(f"anonticket: {e}") from None
 
-    @inlineCallbacks
-    def stopService(self) -> Generator[Deferred[object], object, None]:
+    def stopService(self) -> Deferred[None]:
         """Stop children one at a time, last started first.
 
         MultiService stops them all at once; the store must close only after the sites have
         answered their requests in flight, so each child is awaited before the next.
         """
         self.running = False
+        return Deferred.fromCoroutine(self._stop_children())
+
+    async def _stop_children(self) -> None:
         for service in reversed(list(self)):
             if service.running:
-                yield maybeDeferred(service.stopService)
+                await maybeDeferred(service.stopService)
 
 
 def build(config: Config, reactor: Any, metrics: Metrics | None = None) -> AnonticketService:

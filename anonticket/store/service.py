@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -64,12 +64,14 @@ class StoreService(Service):
             ]
         )
 
-    @inlineCallbacks
-    def stopService(self) -> Generator[Deferred[Any], Any, None]:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
         loop, self._loop = self._loop, None
         if loop is not None and loop.running:
             loop.stop()
             if self._loop_done is not None:
-                yield self._loop_done  # a refresh in flight finishes before the pool closes
+                await self._loop_done  # a refresh in flight finishes before the pool closes
         self.store.close()

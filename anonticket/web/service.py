@@ -158,17 +158,19 @@ class SiteService(Service):
             raise StartupError(f"--{self._option}: {e}") from None
         return endpoint
 
-    @defer.inlineCallbacks
-    def stopService(self) -> Any:
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
         port, self.port = self.port, None
         if port is None:
             return
         # No new connections; let requests in flight finish (bounded), then close the rest.
-        yield port.stopListening()
+        await defer.maybeDeferred(port.stopListening)
         clock: IReactorTime = self._reactor
         try:
-            yield self.site.drained().addTimeout(DRAIN_TIMEOUT, clock)
+            await self.site.drained().addTimeout(DRAIN_TIMEOUT, clock)
         except defer.TimeoutError:
             log.warn(
                 "{site} site: {count} requests still in flight after {timeout}s; closing",
@@ -181,7 +183,7 @@ class SiteService(Service):
         for channel in list(self.site.channels):
             channel.loseConnection()
         try:
-            yield self.site.closed().addTimeout(CLOSE_TIMEOUT, clock)
+            await self.site.closed().addTimeout(CLOSE_TIMEOUT, clock)
         except defer.TimeoutError:
             for channel in list(self.site.channels):
                 channel.forceAbortClient()
