@@ -742,7 +742,13 @@ async def test_attached_cookie_policy(harness: Harness) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_launch_mode_listens_on_a_private_unix_socket(harness: Harness) -> None:
-    options = {"DisableNetwork": "1", "DirAuthority": ["a 127.0.0.1:1 AA", "b 127.0.0.1:2 BB"]}
+    options = {
+        "DisableNetwork": "1",
+        "DirAuthority": ["a 127.0.0.1:1 AA", "b 127.0.0.1:2 BB"],
+        "SOCKSPort": "9050",  # ours, in another spelling: left out, not a second port
+        "cookieauthentication": "0",
+        "ControlSocket": "/tmp/elsewhere",
+    }
     svc = harness.service(tor_control=None, tor_options=options)
     sock = harness.data_dir / "public.sock"
     sock_probe = socket.socket(socket.AF_UNIX)
@@ -754,7 +760,7 @@ async def test_launch_mode_listens_on_a_private_unix_socket(harness: Harness) ->
     [launch] = harness.launches
     tor_dir = harness.data_dir / "tor"
     assert stat.S_IMODE(tor_dir.stat().st_mode) == 0o700
-    # The operator's options (a list repeats one), then ours, which tor keeps if both say.
+    # The operator's options (a list repeats one), then ours, which replace theirs.
     # fmt: off
     assert launch.arguments(31337) == [
         "/usr/sbin/tor", "-f", "/dev/null", "--ignore-missing-torrc",

@@ -52,14 +52,8 @@ class TorLaunch:
     options: Mapping[str, str | list[str]] = field(default_factory=dict)
 
     def arguments(self, owner_pid: int) -> list[str]:
-        """tor's argv.  The operator's options come first, ours last: for an option given
-        twice on the command line tor keeps the last."""
-        # No torrc: tor reads /dev/null as a missing one, which the flag makes fine.
-        argv = [self.binary, "-f", "/dev/null", "--ignore-missing-torrc"]
-        for option, value in self.options.items():
-            for one in [value] if isinstance(value, str) else value:
-                argv += [option, one]
-        argv += [
+        """tor's argv: the operator's options, then ours, which replace any of the same name."""
+        ours = [
             "DataDirectory",
             str(self.data_directory),
             "ControlPort",
@@ -74,7 +68,17 @@ class TorLaunch:
             "__OwningControllerProcess",
             str(owner_pid),
         ]
-        return argv
+        # tor's option names are case-insensitive, and port options given twice add a port
+        # (ControlSocket: another control port).
+        reserved = {name.lower() for name in [*ours[::2], "ControlSocket"]}
+        # No torrc: tor reads /dev/null as a missing one, which the flag makes fine.
+        argv = [self.binary, "-f", "/dev/null", "--ignore-missing-torrc"]
+        for option, value in self.options.items():
+            if option.lower() in reserved:
+                continue
+            for one in [value] if isinstance(value, str) else value:
+                argv += [option, one]
+        return argv + ours
 
 
 class TorOutput:
