@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -101,7 +102,7 @@ async def seed(data_dir: Path, pid: PaymentId, amount: int) -> None:
         store.close()
 
 
-def redeem_over_tor(daemon: Daemon, network: tor_privnet.TorNetwork, pid: str) -> dict:
+def redeem_over_tor(daemon: Daemon, network: tor_privnet.TorNetwork, pid: str) -> dict[str, Any]:
     url = "http://" + (daemon.data_dir / "onion_hostname").read_text().strip()
     socks = network.client_socks_endpoint
     deadline = time.monotonic() + 60
@@ -113,6 +114,7 @@ def redeem_over_tor(daemon: Daemon, network: tor_privnet.TorNetwork, pid: str) -
     assert code == 0, body
     code, status = client("status", body["service_token"], "--url", url, "--socks", socks)
     assert code == 0 and status["status"] == "active", status
+    assert isinstance(body, dict), body
     return body
 
 

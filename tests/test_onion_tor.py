@@ -350,6 +350,7 @@ async def test_service_launches_its_own_tor_and_stops_it(short_dir: Path) -> Non
         session = svc._session
         assert session is not None
         assert session.process is not None
+        assert session.process.transport is not None
         pid = session.process.transport.pid
         os.kill(pid, 0)
         # Tied to us: tor watches this process until we own it on the control connection.
@@ -397,6 +398,7 @@ async def test_a_launched_tor_exits_when_its_owner_hangs_up(short_dir: Path) -> 
         await until(lambda: (short_dir / "onion_hostname").exists())
         session = svc._session
         assert session is not None and session.process is not None
+        assert session.process.transport is not None
         pid = session.process.transport.pid
         # Only the connection goes: the loop is stopped first, so nothing of ours stops tor.
         assert svc._loop is not None

@@ -108,6 +108,7 @@ class ImpostorProtocol(LineOnlyReceiver):
             self.reply([f"ServiceID={f.service_id}", "OK"])
         elif verb == "QUIT":
             self.sendLine(b"250 closing connection")
+            assert self.transport is not None
             self.transport.loseConnection()
         else:  # AUTHENTICATE, USEFEATURE, SETEVENTS, GETCONF, DEL_ONION...: all fine by it
             self.sendLine(b"250 OK")
@@ -118,7 +119,7 @@ class ImpostorProtocol(LineOnlyReceiver):
         self.sendLine(b"250 " + lines[-1].encode())
 
 
-class Impostor(protocol.ServerFactory):
+class Impostor(protocol.ServerFactory[ImpostorProtocol]):
     protocol = ImpostorProtocol
 
     def __init__(
