@@ -493,9 +493,23 @@ def onion_port(description: str) -> int | None:
     return int(port) if kind.lower() == "onion" else None
 
 
+_TOR_OPTIONS_SET_BY_US: Final = {
+    name.lower(): name
+    for name in (
+        "DataDirectory",
+        "ControlPort",
+        "ControlSocket",
+        "SocksPort",
+        "CookieAuthentication",
+        "CookieAuthFile",
+    )
+}
+
+
 def read_tor_config(path: str | None) -> dict[str, str | list[str]]:
     """``Option value`` lines (torrc syntax, ``#`` comments); a repeated option keeps every
-    value.  Anonticket sets DataDirectory, ControlPort and SocksPort itself."""
+    value.  Anonticket sets the data directory, the control socket and its cookie, and the SOCKS
+    port (none) itself."""
     if path is None:
         return {}
     try:
@@ -510,8 +524,10 @@ def read_tor_config(path: str | None) -> dict[str, str | list[str]]:
         key, _, value = line.partition(" ")
         if not key.isalnum() or not value.strip():
             raise ConfigError(f"--tor-config: line {number}: expected 'Option value'")
-        if key in ("DataDirectory", "ControlPort", "ControlSocket", "SocksPort"):
-            raise ConfigError(f"--tor-config: line {number}: anonticket sets {key} itself")
+        # tor reads option names in any case: "socksport" is SocksPort.
+        ours = _TOR_OPTIONS_SET_BY_US.get(key.lower())
+        if ours is not None:
+            raise ConfigError(f"--tor-config: line {number}: anonticket sets {ours} itself")
         previous = options.get(key)
         if previous is None:
             options[key] = value.strip()

@@ -248,3 +248,29 @@ def test_internal_check_never_raises_anything_but_config_error(text):
     else:
         assert accepted in (text, text + ":mode=600")
         assert text.split(":", 1)[0].lower() in {"unix", "tcp", "tcp6", "ssl"}
+
+
+def test_tor_config_takes_torrc_lines_and_refuses_what_anonticket_sets(tmp_path):
+    torrc = tmp_path / "extra.torrc"
+    torrc.write_text(
+        "# bridges\nUseBridges 1\nBridge obfs4 192.0.2.1:443 X\nBridge obfs4 192.0.2.2:443 Y\n"
+    )
+    config = parse([*TCP, "--tor-config", str(torrc)])
+    assert config.tor_config == {
+        "UseBridges": "1",
+        "Bridge": ["obfs4 192.0.2.1:443 X", "obfs4 192.0.2.2:443 Y"],
+    }
+    # tor reads option names in any case: each spelling would add a second listener or key.
+    for line, name in (
+        ("socksport 9050", "SocksPort"),
+        ("SOCKSPort 9050", "SocksPort"),
+        ("controlport 9051", "ControlPort"),
+        ("DataDirectory /tmp/x", "DataDirectory"),
+        ("cookieauthfile /tmp/c", "CookieAuthFile"),
+    ):
+        torrc.write_text(f"{line}\n")
+        with pytest.raises(ConfigError, match=f"line 1: anonticket sets {name} itself"):
+            parse([*TCP, "--tor-config", str(torrc)])
+    torrc.write_text("NoValue\n")
+    with pytest.raises(ConfigError, match="line 1: expected 'Option value'"):
+        parse([*TCP, "--tor-config", str(torrc)])
