@@ -51,7 +51,7 @@ from anonticket.torstatus import Bootstrap, parse_bootstrap
 from anonticket.web.service import SiteService, StartupError
 from anonticket.web.site import PrivacySite
 
-from .conftest import reactor
+from .conftest import reactor, tcp_port
 
 # Cross-checked against tor 0.4.9.11 in test_onion_tor.py (tor answered this ServiceID).
 VECTOR_SEED = bytes(range(32))
@@ -385,7 +385,11 @@ class Harness:
 
     @property
     def tor_signals(self) -> list[str]:
-        return [s for launch in self.spawned for s in launch.transport.signals]
+        signals: list[str] = []
+        for tor in self.spawned:
+            assert isinstance(tor.transport, FakeProcess)  # what _spawn connected it to
+            signals += tor.transport.signals
+        return signals
 
     def state(self) -> str:
         for metric in self.metrics.registry.collect():
@@ -415,8 +419,8 @@ async def until(condition: Callable[[], bool], seconds: float = 5) -> None:
 
 
 def _port(service: OnionService) -> int:
-    assert service.site_service is not None and service.site_service.port is not None
-    return int(service.site_service.port.getHost().port)
+    assert service.site_service is not None
+    return tcp_port(service.site_service.port)
 
 
 @pytest_twisted.ensureDeferred
@@ -434,7 +438,7 @@ async def test_start_does_not_wait_for_tor_and_other_sites_serve(
     root.startService()  # returns although tor never answers
     assert harness.state() == "starting" and len(harness.connects) == 1
     assert internal.port is not None
-    response = await http.get(f"http://127.0.0.1:{internal.port.getHost().port}/", timeout=5)
+    response = await http.get(f"http://127.0.0.1:{tcp_port(internal.port)}/", timeout=5)
     assert response.code == 200
     # The onion's own listener is up too (loopback TCP, since tor is attached).
     port = _port(svc)
