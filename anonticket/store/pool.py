@@ -28,7 +28,8 @@ from anonticket.store.schema import migrate
 
 T = TypeVar("T")
 
-log = Logger()
+# The namespace these lines had before the store package was split: log filters keep working.
+log = Logger(namespace="anonticket.store")
 
 
 class StorePool:

@@ -7,7 +7,8 @@ from twisted.logger import Logger
 from anonticket import __version__
 from anonticket.store.dialect import DatabaseError, Dialect
 
-log = Logger()
+# The namespace these lines had before the store package was split: log filters keep working.
+log = Logger(namespace="anonticket.store")
 
 
 def migrate(dialect: Dialect) -> int:

@@ -15,7 +15,8 @@ from twisted.python.failure import Failure
 if TYPE_CHECKING:  # the package assembles Store and offers this service beside it
     from anonticket.store import Store
 
-log = Logger()
+# The namespace these lines had before the store package was split: log filters keep working.
+log = Logger(namespace="anonticket.store")
 
 
 class StoreService(Service):

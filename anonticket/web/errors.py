@@ -16,7 +16,8 @@ from anonticket.domain import DomainError
 from anonticket.web.jsonio import ApiError, respond_error
 from anonticket.web.ratelog import LogBudget
 
-log = Logger()
+# The namespace these lines had before web/http.py was split: log filters keep working.
+log = Logger(namespace="anonticket.web.http")
 
 
 def install_error_handlers(app: Klein, site: str) -> None:

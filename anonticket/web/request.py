@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # site.py uses this request
 _DISCARD_LIMIT: Final = 64 * 1024
 _REJECT_GRACE: Final = 1.0
 
-log = Logger()
+# The namespace these lines had before web/http.py was split: log filters keep working.
+log = Logger(namespace="anonticket.web.http")
 
 
 def set_route(request: IRequest, route: str) -> None:

@@ -18,7 +18,8 @@ from anonticket.metrics import Metrics
 from anonticket.web.errors import PROCESS_LOG, type_name
 from anonticket.web.jsonio import ApiError
 
-log = Logger()
+# The namespace these lines had before web/http.py was split: log filters keep working.
+log = Logger(namespace="anonticket.web.http")
 
 T = TypeVar("T")
 
