@@ -594,8 +594,8 @@ def check_internal_endpoint(description: str) -> str:
             raise ConfigError(f"--internal: bad endpoint {description!r}: {e}") from None
         assert tls is not None
         # TLS without client certificates on loopback is no worse than plain tcp there; off
-        # loopback, only a client certificate keeps other hosts out.  The files are read at
-        # start (SiteService), after twistd has switched to the daemon's user.
+        # loopback, only a client certificate keeps other hosts out.  The files are read when
+        # the site binds (SiteService.privilegedStartService): before twistd drops to --uid.
         if not tls.mutual and not _is_loopback(tls.interface):
             raise ConfigError(
                 "--internal: an ssl: endpoint off loopback must require client certificates: "
