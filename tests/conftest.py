@@ -196,6 +196,7 @@ _SLOW_MODULES = frozenset(
     {
         "test_bench_passes",
         "test_bench_smoke",
+        "test_bench_webhooks",
         "test_crash",
         "test_demo",
         "test_e2e_monero",
