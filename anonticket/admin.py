@@ -34,7 +34,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from OpenSSL import crypto
 from treq.client import HTTPClient
-from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
@@ -58,7 +57,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from anonticket import __version__, backup
+from anonticket import __version__, backup, cli
 from anonticket.client import format_xmr
 from anonticket.domain import DomainError, ServiceToken
 from anonticket.httpbody import BodyTooLarge, BytesProducer, read_capped
@@ -925,11 +924,9 @@ async def run(
     stdin: TextIO | None = None,
 ) -> int:
     """The whole command: parse ``argv``, act, print, and return the exit code."""
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            args = build_parser().parse_args(list(argv))
-    except SystemExit as exc:  # --help, or a usage error argparse has already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    args = cli.parse_arguments(build_parser(), argv, stdout, stderr)
+    if isinstance(args, int):  # --help, or a usage error argparse has already printed
+        return args
     args.stdin = sys.stdin if stdin is None else stdin
     handler: Handler = args.handler
     try:
@@ -947,14 +944,7 @@ async def run(
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    arguments = list(sys.argv[1:] if argv is None else argv)
-
-    async def command(reactor: Any) -> None:
-        code = await run(reactor, arguments, sys.stdout, sys.stderr)
-        if code:
-            raise SystemExit(code)  # react() exits with SystemExit's code
-
-    task.react(command)
+    cli.main(run, argv)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,10 @@ Exit codes: see EXIT_CODES (a server's HTTP 400 maps to 2, like our own input ch
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import secrets
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -23,7 +21,6 @@ from urllib.parse import urlsplit
 
 import nacl.utils
 from treq.client import HTTPClient
-from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.error import ConnectError
@@ -38,7 +35,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from anonticket import __version__
+from anonticket import __version__, cli
 from anonticket.address import NETWORK_BYTES, AddressError, make_integrated_address, parse_address
 from anonticket.domain import DomainError, PaymentId, ServiceToken
 from anonticket.httpbody import BodyTooLarge, BytesProducer, read_capped
@@ -643,11 +640,9 @@ def _pass_count(text: str) -> int:
 
 async def run(reactor: Any, argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
     """The whole command: parse ``argv``, act, print, and return the exit code."""
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            args = build_parser().parse_args(list(argv))
-    except SystemExit as exc:  # --help, or a usage error argparse has already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    args = cli.parse_arguments(build_parser(), argv, stdout, stderr)
+    if isinstance(args, int):  # --help, or a usage error argparse has already printed
+        return args
     handler: Handler = args.handler
     try:
         return await handler(reactor, args, stdout, stderr)
@@ -664,14 +659,7 @@ async def run(reactor: Any, argv: Sequence[str], stdout: TextIO, stderr: TextIO)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    arguments = list(sys.argv[1:] if argv is None else argv)
-
-    async def command(reactor: Any) -> None:
-        code = await run(reactor, arguments, sys.stdout, sys.stderr)
-        if code:
-            raise SystemExit(code)  # react() exits with SystemExit's code
-
-    task.react(command)
+    cli.main(run, argv)
 
 
 if __name__ == "__main__":

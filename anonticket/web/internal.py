@@ -14,6 +14,7 @@ anonticket.web.mtls), so who can reach it is decided by where and how it listens
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.resources import files
 from typing import Final
 
@@ -24,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
 from anonticket.domain import ServiceToken
-from anonticket.metrics import Metrics
+from anonticket.metrics import Metrics, Outcomes
 from anonticket.store import Store
 from anonticket.store.records import (
     KeyInUse,
@@ -33,6 +34,7 @@ from anonticket.store.records import (
     NotFound,
     Overloaded,
     SpendAnswer,
+    TokenRecord,
     VersionMismatch,
 )
 from anonticket.web.errors import install_error_handlers
@@ -63,6 +65,8 @@ from anonticket.web.webhooks import (
 
 # The OpenAPI 3.1 documents of this site and of the public one (docs/api.md): package data,
 # read once when the site is built and answered from memory.
+# A revocation's store call, given the time: the record and whether it changed, or None.
+Revocation = Callable[[int], Deferred[tuple[TokenRecord, bool] | None]]
 OPENAPI_INTERNAL: Final = "openapi-internal.json"
 OPENAPI_PUBLIC: Final = "openapi-public.json"
 
@@ -117,45 +121,49 @@ class InternalAPI:
 
     @app.route("/api/v1/token/<string:token>/revoke", methods=["POST"])
     async def revoke(self, request: IRequest, token: str) -> bytes:
-        set_route(request, "revoke")
-        outcomes = self._metrics.revoke_outcomes
-        try:
+        def prepare() -> Revocation:
             parsed = ServiceToken.parse(token)
             reason, score = revoke_arguments(read_json_object(request, allow_empty=True))
-        except Exception:
-            outcomes.count("invalid")
-            raise
-        now = int(self._clock.seconds())
-        try:
-            result = await store_answer(
-                self._metrics, "revoke", self._store.revoke(parsed, reason, score, now)
-            )
-        except ApiError:
-            outcomes.count("error")
-            raise
-        if result is None:
-            outcomes.count("not_found")
-            raise token_not_found()
-        record, newly = result
-        outcomes.count("revoked" if newly else "already_revoked")
-        etag(request, record.version)  # as every answer with the internal view
-        return respond(request, internal_token_view(record))
+            return lambda now: self._store.revoke(parsed, reason, score, now)
+
+        outcomes = self._metrics.revoke_outcomes
+        return await self._revocation(
+            request, "revoke", prepare, outcomes, ("revoked", "already_revoked")
+        )
 
     @app.route("/api/v1/token/<string:token>/unrevoke", methods=["POST"])
     async def unrevoke(self, request: IRequest, token: str) -> bytes:
-        set_route(request, "unrevoke")
-        outcomes = self._metrics.unrevoke_outcomes
-        try:
+        def prepare() -> Revocation:
             parsed = ServiceToken.parse(token)
             reason, score = unrevoke_arguments(read_json_object(request))
+            return lambda now: self._store.unrevoke(parsed, reason, score, now)
+
+        outcomes = self._metrics.unrevoke_outcomes
+        return await self._revocation(
+            request, "unrevoke", prepare, outcomes, ("unrevoked", "not_revoked")
+        )
+
+    async def _revocation(
+        self,
+        request: IRequest,
+        action: str,
+        prepare: Callable[[], Revocation],
+        outcomes: Outcomes,
+        counted: tuple[str, str],
+    ) -> bytes:
+        """Revoke or un-revoke: *prepare* reads the request (a bad one counts as invalid) and
+        gives the store call; the answer is the internal view with its ETag.  *action* names
+        the route and the store operation; *counted* the outcomes of a change made and of a
+        token that already was so."""
+        set_route(request, action)
+        try:
+            change = prepare()
         except Exception:
             outcomes.count("invalid")
             raise
         now = int(self._clock.seconds())
         try:
-            result = await store_answer(
-                self._metrics, "unrevoke", self._store.unrevoke(parsed, reason, score, now)
-            )
+            result = await store_answer(self._metrics, action, change(now))
         except ApiError:
             outcomes.count("error")
             raise
@@ -163,8 +171,8 @@ class InternalAPI:
             outcomes.count("not_found")
             raise token_not_found()
         record, newly = result
-        outcomes.count("unrevoked" if newly else "not_revoked")
-        etag(request, record.version)
+        outcomes.count(counted[0] if newly else counted[1])
+        etag(request, record.version)  # as every answer with the internal view
         return respond(request, internal_token_view(record))
 
     @app.route("/api/v1/token/<string:token>/revocations", methods=["GET"])
