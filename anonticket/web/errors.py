@@ -13,11 +13,11 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from anonticket.domain import DomainError
+from anonticket.web import HTTP_LOG_NAMESPACE
 from anonticket.web.jsonio import ApiError, respond_error
 from anonticket.web.ratelog import LogBudget
 
-# The namespace these lines had before web/http.py was split: log filters keep working.
-log = Logger(namespace="anonticket.web.http")
+log = Logger(namespace=HTTP_LOG_NAMESPACE)
 
 
 def install_error_handlers(app: Klein, site: str) -> None:

@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
 
+from anonticket.web import HTTP_LOG_NAMESPACE
 from anonticket.web.channel import PrivacyChannel, transport_of
 from anonticket.web.errors import log_budget, type_name
 from anonticket.web.guard import routing_host
@@ -27,8 +28,7 @@ if TYPE_CHECKING:  # site.py uses this request
 _DISCARD_LIMIT: Final = 64 * 1024
 _REJECT_GRACE: Final = 1.0
 
-# The namespace these lines had before web/http.py was split: log filters keep working.
-log = Logger(namespace="anonticket.web.http")
+log = Logger(namespace=HTTP_LOG_NAMESPACE)
 
 
 def set_route(request: IRequest, route: str) -> None:

@@ -27,6 +27,7 @@ from twisted.web.resource import Resource
 
 from anonticket import limits
 from anonticket.metrics import Metrics
+from anonticket.web import HTTP_LOG_NAMESPACE
 from anonticket.web.channel import PrivacyChannel
 from anonticket.web.guard import BrowserGuard
 from anonticket.web.jsonio import MAX_BODY, ApiError, respond_error
@@ -41,8 +42,7 @@ REQUEST_DEADLINE: Final = 10.0
 # How often a site looks for requests past their deadline (at most this late).
 _SWEEP_INTERVAL: Final = 1.0
 
-# The namespace these lines had before web/http.py was split: log filters keep working.
-log = Logger(namespace="anonticket.web.http")
+log = Logger(namespace=HTTP_LOG_NAMESPACE)
 
 
 class _Guard(Resource):

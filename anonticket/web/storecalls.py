@@ -15,11 +15,11 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from anonticket.metrics import Metrics
+from anonticket.web import HTTP_LOG_NAMESPACE
 from anonticket.web.errors import PROCESS_LOG, type_name
 from anonticket.web.jsonio import ApiError
 
-# The namespace these lines had before web/http.py was split: log filters keep working.
-log = Logger(namespace="anonticket.web.http")
+log = Logger(namespace=HTTP_LOG_NAMESPACE)
 
 T = TypeVar("T")
 
