@@ -58,6 +58,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from anonticket import __version__, backup, cli
+from anonticket.cli import print_fields, seconds, terminal_text
 from anonticket.client import format_xmr
 from anonticket.domain import DomainError, ServiceToken
 from anonticket.httpbody import BodyTooLarge, BytesProducer, read_capped
@@ -102,11 +103,6 @@ class AdminError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def _shown(text: object, limit: int = 300) -> str:
-    # Server text reaches a terminal: no escape sequences, bidi tricks or screenfuls.
-    return "".join(c if c.isprintable() else "?" for c in str(text)[:limit])
 
 
 def _env(name: str) -> str | None:
@@ -265,7 +261,7 @@ def _network_error(exc: BaseException) -> str:
     reasons = getattr(exc, "reasons", None)
     if reasons and isinstance(reasons[0], Failure) and reasons[0].value is not None:
         exc = reasons[0].value
-    return _shown(str(exc).strip() or type(exc).__name__)
+    return terminal_text(str(exc).strip() or type(exc).__name__)
 
 
 async def request(
@@ -332,9 +328,9 @@ async def call(
         raise AdminError(f"the internal site answered HTTP {code} without a JSON object")
     if 200 <= code < 300:
         return answer
-    message = _shown(answer.get("error", "(no message)"))
+    message = terminal_text(answer.get("error", "(no message)"))
     error_code = answer.get("code")
-    text = f"{message} ({_shown(error_code)})" if isinstance(error_code, str) else message
+    text = f"{message} ({terminal_text(error_code)})" if isinstance(error_code, str) else message
     if code == 400:
         raise AdminError(text, EXIT_USAGE)
     if code == 404:
@@ -347,24 +343,18 @@ async def call(
 # --------------------------------------------------------------------------- output
 
 
-def _print_fields(out: TextIO, fields: Sequence[tuple[str, str]]) -> None:
-    width = max(len(label) for label, _ in fields) + 3
-    for label, value in fields:
-        print(f"{label + ':':<{width}}{value}", file=out)
-
-
 def _json(out: TextIO, value: object) -> None:
     print(json.dumps(value, indent=2, sort_keys=True), file=out)
 
 
 def _amount(value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, int):
-        return _shown(value)
+        return terminal_text(value)
     return format_xmr(value)
 
 
 def _text(value: object) -> str:
-    return "-" if value is None else _shown(value)
+    return "-" if value is None else terminal_text(value)
 
 
 def _token_fields(view: dict[str, Any]) -> list[tuple[str, str]]:
@@ -389,9 +379,9 @@ def _ledger_lines(out: TextIO, entries: list[Any]) -> None:
         line = f"  {_text(entry.get('at'))}  {_text(entry.get('kind')):<12}"
         line += f"{_text(entry.get('amount')):>20}"
         if entry.get("spend_id") is not None:
-            line += f"  {_shown(entry['spend_id'])}"
+            line += f"  {terminal_text(entry['spend_id'])}"
             if entry.get("memo") is not None:
-                line += f"  {_shown(entry['memo'], 200)}"
+                line += f"  {terminal_text(entry['memo'], 200)}"
         print(line, file=out)
 
 
@@ -473,7 +463,7 @@ async def _show(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO
             },
         )
         return EXIT_OK
-    _print_fields(out, [("token id", token_id(token)), *_token_fields(view)])
+    print_fields(out, [("token id", token_id(token)), *_token_fields(view)])
     if past:
         print("revocations undone (newest first):", file=out)
         _revocation_lines(out, past)
@@ -536,7 +526,7 @@ async def _change(reactor: Any, args: argparse.Namespace, out: TextIO, action: s
         outcome = "revoked" if changed else "already revoked: the first revocation stands"
     else:
         outcome = "revocation undone" if changed else "not revoked: nothing changed"
-    _print_fields(out, [("token id", token_id(token)), ("outcome", outcome), *_token_fields(after)])
+    print_fields(out, [("token id", token_id(token)), ("outcome", outcome), *_token_fields(after)])
     return EXIT_OK
 
 
@@ -583,7 +573,7 @@ async def _retry(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextI
         retried, missing = 0, []
         for event_id in args.ids:
             if not _EVENT_ID.fullmatch(event_id):
-                raise AdminError(f"not an event id: {_shown(event_id, 110)!r}", EXIT_USAGE)
+                raise AdminError(f"not an event id: {terminal_text(event_id, 110)!r}", EXIT_USAGE)
         for event_id in args.ids:
             try:
                 answer = await call(
@@ -616,13 +606,13 @@ async def _version(reactor: Any, args: argparse.Namespace, out: TextIO, err: Tex
         found = _BUILD_INFO.search(raw.decode("utf-8", "replace")) if code == 200 else None
         if found is None:
             raise AdminError(f"the internal site's /metrics (HTTP {code}) names no version")
-        daemon["version"] = _shown(found.group(1), 60)
+        daemon["version"] = terminal_text(found.group(1), 60)
     except AdminError as e:
         problem = e
     if args.json:
         _json(out, {"admin": mine, "daemon": daemon or None})
     else:
-        _print_fields(
+        print_fields(
             out,
             [
                 (PROG, f"{__version__} (knows schemas up to {mine['schema']})"),
@@ -679,7 +669,7 @@ async def _backup(reactor: Any, args: argparse.Namespace, out: TextIO, err: Text
             if manifest["database"] == "sqlite"
             else f"PostgreSQL at schema {manifest['schema']}: keys only"
         )
-        _print_fields(
+        print_fields(
             out,
             [
                 ("archive", f"{result.archive} (mode 0600, {size} bytes)"),
@@ -728,7 +718,7 @@ async def _restore(reactor: Any, args: argparse.Namespace, out: TextIO, err: Tex
         )
     else:
         where = f" into {result.database_path}" if result.database_path is not None else ""
-        _print_fields(
+        print_fields(
             out,
             [
                 ("restored into", str(result.data_dir)),
@@ -749,16 +739,6 @@ async def _restore(reactor: Any, args: argparse.Namespace, out: TextIO, err: Tex
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
-    return value
 
 
 def _page(text: str) -> int:
@@ -797,7 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     site.add_argument(
         "--timeout",
-        type=_seconds,
+        type=seconds,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help=f"give up on an answer after this long (default {DEFAULT_TIMEOUT:g})",
@@ -938,7 +918,7 @@ async def run(
     except backup.BackupError as exc:
         message, code = str(exc), EXIT_REFUSED if exc.refused else EXIT_ERROR
     except Exception as exc:  # one line, never a traceback
-        message, code = f"unexpected {type(exc).__name__}: {_shown(exc)}", EXIT_ERROR
+        message, code = f"unexpected {type(exc).__name__}: {terminal_text(exc)}", EXIT_ERROR
     print(f"{PROG}: error: {message}", file=stderr)
     return code
 

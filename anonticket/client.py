@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import secrets
 import time
@@ -37,6 +36,7 @@ from zope.interface import implementer
 
 from anonticket import __version__, cli
 from anonticket.address import NETWORK_BYTES, AddressError, make_integrated_address, parse_address
+from anonticket.cli import print_fields, seconds, terminal_text
 from anonticket.domain import DomainError, PaymentId, ServiceToken
 from anonticket.httpbody import BodyTooLarge, BytesProducer, read_capped
 from anonticket.passes.client import (
@@ -62,7 +62,6 @@ DIRECTORY: Final = "/.well-known/private-token-issuer-directory"
 MAX_RESPONSE: Final = 64 * 1024
 DEFAULT_TIMEOUT: Final = 60.0  # Tor circuits to an onion service are slow to build
 ATOMIC_PER_XMR: Final = 10**12
-_MAX_MESSAGE: Final = 300
 SOCKS_ENV: Final = "ANONTICKET_SOCKS"
 ONION_NEEDS_SOCKS: Final = (
     "reaching .onion addresses needs Tor: run a local tor and pass --socks tcp:127.0.0.1:9050 "
@@ -91,21 +90,10 @@ class ClientError(Exception):
         self.exit_code = exit_code
 
 
-def _printable(text: str) -> str:
-    # Server text reaches a terminal: no escape sequences, bidi tricks or screenfuls.
-    return "".join(c if c.isprintable() else "?" for c in text[:_MAX_MESSAGE])
-
-
 def format_xmr(atomic: int) -> str:
     sign = "-" if atomic < 0 else ""
     whole, frac = divmod(abs(atomic), ATOMIC_PER_XMR)  # integers only: no float rounding
     return f"{atomic} atomic units ({sign}{whole}.{frac:012d} XMR)"
-
-
-def _print_fields(out: TextIO, fields: Sequence[tuple[str, str]]) -> None:
-    width = max(len(label) for label, _ in fields) + 3
-    for label, value in fields:
-        print(f"{label + ':':<{width}}{value}", file=out)
 
 
 # --------------------------------------------------------------------------- new
@@ -122,7 +110,7 @@ async def _new(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO)
     try:
         address = parse_address(args.address)
     except AddressError as exc:
-        raise ClientError(f"not a Monero address: {_printable(str(exc))}", EXIT_USAGE) from None
+        raise ClientError(f"not a Monero address: {terminal_text(exc)}", EXIT_USAGE) from None
     if address.kind == "subaddress":
         raise ClientError(
             "this is a subaddress; integrated addresses are built from the wallet's standard "
@@ -145,7 +133,7 @@ async def _new(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO)
     if args.json:
         print(json.dumps({"pid": pid.hex, "integrated_address": integrated}), file=out)
     else:
-        _print_fields(out, [("payment id", pid.hex), ("integrated address", integrated)])
+        print_fields(out, [("payment id", pid.hex), ("integrated address", integrated)])
         print(PID_IS_SECRET, file=err)
     return EXIT_OK
 
@@ -181,8 +169,8 @@ class _SocksPort:
 
         def failed(reason: Failure) -> NoReturn:
             reason.trap(ConnectError)
-            where = _printable(self._description)
-            message = _printable(reason.getErrorMessage())
+            where = terminal_text(self._description)
+            message = terminal_text(reason.getErrorMessage())
             raise ClientError(f"cannot reach the Tor SOCKS port {where}: {message}")
 
         return self._endpoint.connect(factory).addCallbacks(made, failed)
@@ -206,7 +194,7 @@ class TorAgent:
             endpoint = clientFromString(reactor, socks)
         except (ValueError, TypeError) as exc:
             raise ClientError(
-                f"--socks: not a client endpoint like tcp:127.0.0.1:9050 ({_printable(str(exc))})",
+                f"--socks: not a client endpoint like tcp:127.0.0.1:9050 ({terminal_text(exc)})",
                 EXIT_USAGE,
             ) from None
         self.socks = socks
@@ -256,7 +244,7 @@ def _network_error_text(exc: BaseException) -> str:
     reasons = getattr(exc, "reasons", None)
     if reasons and isinstance(reasons[0], Failure) and reasons[0].value is not None:
         exc = reasons[0].value
-    return _printable(str(exc).strip() or type(exc).__name__)
+    return terminal_text(str(exc).strip() or type(exc).__name__)
 
 
 async def fetch(
@@ -286,7 +274,7 @@ async def fetch(
             agent.hang_up()  # a SOCKS handshake cut short by the deadline is still open
         if isinstance(exc, ClientError):
             raise
-        via = f" through {_printable(args.socks)}" if args.socks else ""
+        via = f" through {terminal_text(args.socks)}" if args.socks else ""
         raise ClientError(f"cannot reach {args.url}{via}: {_network_error_text(exc)}") from None
     try:
         text = raw.decode("utf-8")
@@ -300,7 +288,7 @@ async def fetch(
 
 def _refusal(code: int, body: dict[str, Any]) -> ClientError:
     error = body.get("error")
-    message = _printable(error) if isinstance(error, str) else "(no message)"
+    message = terminal_text(error) if isinstance(error, str) else "(no message)"
     if code == 400:
         return ClientError(message, EXIT_USAGE)
     if code == 404:
@@ -325,7 +313,7 @@ def _text(body: dict[str, Any], name: str, code: int, optional: bool = False) ->
         return "-"
     if not isinstance(value, str):
         raise _unexpected(code)
-    return _printable(value)
+    return terminal_text(value)
 
 
 def _redeem_outcome(code: int, body: dict[str, Any]) -> tuple[int, list[tuple[str, str]]]:
@@ -387,7 +375,7 @@ def _report(
     code, text, body = answer
     if not args.json:
         exit_code, fields = outcome(code, body)
-        _print_fields(out, fields)
+        print_fields(out, fields)
         return exit_code
     # JSON mode: the server's object as sent, nothing else; the exit code still tells the story.
     print(text, file=out)
@@ -447,7 +435,7 @@ async def _passes_buy(reactor: Any, args: argparse.Namespace, out: TextIO, err: 
         store.add(args.url, passes)  # kept at once: a later batch failing loses none of these
         bought += passes
         balance = _count(body, "balance", code)
-    _print_fields(
+    print_fields(
         out,
         [
             ("passes bought", str(len(bought))),
@@ -482,16 +470,6 @@ async def _passes_use(reactor: Any, args: argparse.Namespace, out: TextIO, err: 
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
-    return value
 
 
 def _base_url(text: str) -> str:
@@ -540,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     remote.add_argument(
         "--timeout",
-        type=_seconds,
+        type=seconds,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help=f"give up after this long, body included (default {DEFAULT_TIMEOUT:g})",
@@ -653,7 +631,10 @@ async def run(reactor: Any, argv: Sequence[str], stdout: TextIO, stderr: TextIO)
     except PassError as exc:
         message, code = str(exc), EXIT_ERROR
     except Exception as exc:  # one line, never a traceback
-        message, code = f"unexpected {type(exc).__name__}: {_printable(str(exc))}", EXIT_ERROR
+        message, code = (
+            f"unexpected {type(exc).__name__}: {terminal_text(exc)}",
+            EXIT_ERROR,
+        )
     print(f"{PROG}: error: {message}", file=stderr)
     return code
 
