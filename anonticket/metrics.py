@@ -106,9 +106,6 @@ class UnsetGauge(Collector):
     def clear(self) -> None:
         self._value = None
 
-    def value(self) -> float | None:
-        return self._value
-
     def collect(self) -> Any:
         family = GaugeMetricFamily(self._name, self._documentation)
         if self._value is not None:
